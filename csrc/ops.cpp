@@ -1,0 +1,77 @@
+// The whole ep_ops op surface: every schema is declared here, once. Backends register their
+// kernels with TORCH_LIBRARY_IMPL in their own files (csrc/collective/register.cpp, and the CUDA
+// kernels under csrc/cuda/ once they exist); fakes and autograd formulas live in Python
+// (meta/ and ep_ops/autograd.py).
+//
+// Conventions shared by every op:
+//  - the communication context is `str group_name`, the c10d process group's registered name;
+//  - optional outputs come back as empty tensors, never None;
+//  - every communication op is marked side-effectful in Python (ep_ops/_side_effects.py) so the
+//    compiler never drops it on one rank while the others wait for it.
+#include <torch/library.h>
+
+TORCH_LIBRARY(ep_ops, m) {
+  m.set_python_module("ep_ops.meta");
+
+  // Local routing statistics; no communication.
+  m.def(
+      "get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> "
+      "(Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank)");
+
+  // Normal (high-throughput) dispatch. num_worst_tokens == 0: exact mode, the received row count
+  // is data-dependent. num_worst_tokens > 0: every row-indexed output has that many rows.
+  m.def(
+      "dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, "
+      "Tensor is_token_in_rank, int num_experts, int expert_alignment, int num_worst_tokens, "
+      "str group_name) -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, "
+      "Tensor recv_topk_weights, Tensor num_recv_tokens_per_expert, Tensor rank_prefix_matrix, "
+      "Tensor recv_src_idx)");
+
+  // Dispatch along the layout of an earlier dispatch (its handle): no layout work, static shape.
+  m.def(
+      "cached_dispatch(Tensor x, Tensor? x_scales, Tensor is_token_in_rank, "
+      "Tensor rank_prefix_matrix, Tensor recv_src_idx, str group_name) -> "
+      "(Tensor recv_x, Tensor recv_x_scales)");
+
+  // Inverse of dispatch: every original token gets the sum of the rows dispatched from it.
+  m.def(
+      "combine(Tensor x, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, "
+      "Tensor is_token_in_rank, Tensor rank_prefix_matrix, Tensor recv_src_idx, str group_name) "
+      "-> (Tensor combined_x, Tensor combined_topk_weights)");
+
+  // Low-latency dispatch into the static [E_local, R*M, H] layout, whole and as send/recv halves.
+  m.def(
+      "low_latency_dispatch(Tensor x, Tensor topk_idx, int num_max_dispatch_tokens_per_rank, "
+      "int num_experts, bool use_fp8, bool round_scale, bool use_ue8m0, str group_name) -> "
+      "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_count, Tensor src_info, "
+      "Tensor layout_range, Tensor recv_token_slots)");
+  m.def(
+      "low_latency_dispatch_send(Tensor x, Tensor topk_idx, int num_max_dispatch_tokens_per_rank, "
+      "int num_experts, bool use_fp8, bool round_scale, bool use_ue8m0, str group_name) -> "
+      "Tensor recv_packed");
+  m.def(
+      "low_latency_dispatch_recv(Tensor recv_packed, int num_max_dispatch_tokens_per_rank, "
+      "int hidden, int num_topk, int num_experts, bool use_fp8, bool use_ue8m0, str group_name) "
+      "-> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_count, Tensor src_info, "
+      "Tensor layout_range, Tensor recv_token_slots)");
+
+  // Low-latency combine: weighted sum over each token's top-k experts, whole and as halves.
+  m.def(
+      "low_latency_combine(Tensor x, Tensor topk_idx, Tensor topk_weights, "
+      "Tensor recv_token_slots, int num_max_dispatch_tokens_per_rank, bool use_logfmt, "
+      "str group_name) -> Tensor combined_x");
+  m.def(
+      "low_latency_combine_send(Tensor x, Tensor topk_idx, Tensor topk_weights, "
+      "Tensor recv_token_slots, int num_max_dispatch_tokens_per_rank, bool use_logfmt, "
+      "str group_name) -> Tensor recv_partials");
+  m.def(
+      "low_latency_combine_recv(Tensor recv_partials, Tensor topk_idx, int hidden, int num_experts, "
+      "int num_max_dispatch_tokens_per_rank, bool use_logfmt, str group_name) -> "
+      "Tensor combined_x");
+  // The gradient of low_latency_combine. It exists as an op of its own because it needs one
+  // exchange there and one back (rows to the experts, weight gradients to the token owners).
+  m.def(
+      "low_latency_combine_backward(Tensor grad_combined_x, Tensor x, Tensor topk_idx, "
+      "Tensor topk_weights, Tensor recv_token_slots, int num_max_dispatch_tokens_per_rank, "
+      "str group_name) -> (Tensor grad_x, Tensor grad_topk_weights)");
+}
