@@ -2,6 +2,8 @@
 
 import importlib
 
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
 
 def load_library():
     try:

@@ -1,0 +1,178 @@
+// Normal and cached dispatch over all-to-all. A token row travels as one byte row:
+// payload | FP8 scales | global expert ids (int64) | weights (float32) | source index (int32).
+#include <c10/util/Exception.h>
+
+#include "checks.h"
+#include "handle.h"
+#include "ops.h"
+#include "process_group.h"
+
+namespace ep_ops::collective {
+namespace {
+
+struct RowLayout {
+  int64_t payload, scales, topk, weights;  // byte widths of the fields
+  int64_t scale_at() const { return payload; }
+  int64_t topk_at() const { return payload + scales; }
+  int64_t weights_at() const { return topk_at() + topk; }
+  int64_t src_at() const { return weights_at() + weights; }
+};
+
+void check_routing(const Tensor& x, const OptTensor& topk_idx, const OptTensor& topk_weights,
+                   const Tensor& is_token_in_rank, int64_t num_ranks, const char* op) {
+  check_matrix(is_token_in_rank, op, "is_token_in_rank", at::kBool, x.size(0), num_ranks,
+               x.device());
+  if (!topk_idx.has_value()) {
+    TORCH_CHECK_VALUE(!topk_weights.has_value(), "ep_ops.", op, ": topk_weights needs topk_idx");
+    return;
+  }
+  check_matrix(*topk_idx, op, "topk_idx", at::kLong, x.size(0), -1, x.device());
+  if (topk_weights.has_value()) {
+    check_matrix(*topk_weights, op, "topk_weights", at::kFloat, x.size(0), topk_idx->size(1),
+                 x.device());
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
+    const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
+    const OptTensor& topk_weights, const Tensor& is_token_in_rank, int64_t num_experts,
+    int64_t expert_alignment, int64_t num_worst_tokens, const std::string& group_name) {
+  const char* op = "dispatch";
+  auto group = resolve_group(group_name);
+  const int64_t num_ranks = group->getSize(), rank = group->getRank();
+
+  int64_t num_scales = 0, num_topk = 0;
+  std::vector<int64_t> send_counts(num_ranks, 0);
+  auto checked = run_checks([&] {
+    num_scales = check_payload(x, x_scales, op);
+    check_routing(x, topk_idx, topk_weights, is_token_in_rank, num_ranks, op);
+    if (topk_idx.has_value()) {
+      num_topk = topk_idx->size(1);
+      check_num_experts(num_experts, num_ranks, op);
+      check_expert_ids(*topk_idx, num_experts, op);
+    }
+    TORCH_CHECK_VALUE(expert_alignment >= 1, "ep_ops.", op,
+                      ": expert_alignment must be >= 1, got ", expert_alignment);
+    TORCH_CHECK_VALUE(num_worst_tokens >= 0, "ep_ops.", op,
+                      ": num_worst_tokens must be >= 0, got ", num_worst_tokens);
+    send_counts = column_counts(is_token_in_rank);
+  });
+  const bool has_topk = topk_idx.has_value(), has_weights = topk_weights.has_value();
+  auto counts = exchange_headers(
+      group, op, x.device(), checked,
+      {{"hidden", checked.ok() ? x.size(1) : 0},
+       {"x dtype", static_cast<int64_t>(x.scalar_type())},
+       {"FP8 scales given", x_scales.has_value()},
+       {"num_topk (-1: no topk_idx)", has_topk ? num_topk : -1},
+       {"topk_weights given", has_weights},
+       {"num_experts", has_topk ? num_experts : 0},
+       {"num_worst_tokens", num_worst_tokens}},
+      send_counts);
+
+  std::vector<int64_t> recv_counts(num_ranks);
+  int64_t num_recv = 0;
+  for (int64_t i = 0; i < num_ranks; ++i) num_recv += recv_counts[i] = counts[i][rank];
+  if (num_worst_tokens > 0) {
+    // Every rank sees the whole count matrix, so every rank raises the same error.
+    for (int64_t j = 0; j < num_ranks; ++j) {
+      int64_t total = 0;
+      for (int64_t i = 0; i < num_ranks; ++i) total += counts[i][j];
+      TORCH_CHECK_VALUE(total <= num_worst_tokens, "ep_ops.dispatch: num_worst_tokens (",
+                        num_worst_tokens, ") is smaller than the ", total,
+                        " tokens rank ", j, " receives");
+    }
+  }
+
+  // Pack this rank's outgoing rows.
+  const RowLayout layout{x.size(1) * x.element_size(), num_scales * 4, num_topk * 8,
+                         has_weights ? num_topk * 4 : 0};
+  auto order = send_order(is_token_in_rank);
+  std::vector<Tensor> fields{byte_rows(x.index_select(0, order))};
+  if (x_scales.has_value()) fields.push_back(byte_rows(x_scales->index_select(0, order)));
+  if (has_topk) fields.push_back(byte_rows(topk_idx->index_select(0, order)));
+  if (has_weights) fields.push_back(byte_rows(topk_weights->index_select(0, order)));
+  fields.push_back(byte_rows(order.to(at::kInt)));
+  auto received = all_to_all_rows(group, at::cat(fields, 1), send_counts, recv_counts);
+
+  // Unpack; worst-token mode pads every row-indexed output to num_worst_tokens rows.
+  const int64_t rows = num_worst_tokens > 0 ? num_worst_tokens : num_recv;
+  auto x_bytes = field_from_bytes(received, 0, layout.payload, at::kByte);
+  auto recv_x = pad_rows(x_bytes, rows, 0).view(x.scalar_type());
+  auto f32 = x.options().dtype(at::kFloat);
+  auto recv_x_scales =
+      x_scales.has_value()
+          ? pad_rows(field_from_bytes(received, layout.scale_at(), num_scales, at::kFloat), rows, 0)
+          : at::empty({0}, f32);
+  auto recv_src_idx =
+      pad_rows(field_from_bytes(received, layout.src_at(), 1, at::kInt).view(-1), rows, -1);
+
+  Tensor recv_topk_idx = at::empty({0}, x.options().dtype(at::kLong));
+  Tensor recv_topk_weights = at::empty({0}, f32);
+  Tensor per_expert = at::empty({0}, x.options().dtype(at::kInt));
+  if (has_topk) {
+    const int64_t per_rank = num_experts / num_ranks, first = rank * per_rank;
+    auto global = field_from_bytes(received, layout.topk_at(), num_topk, at::kLong);
+    auto is_local = (global >= first) & (global < first + per_rank);
+    auto local = at::where(is_local, global - first, at::full_like(global, -1));
+    if (has_weights) {
+      auto w = field_from_bytes(received, layout.weights_at(), num_topk, at::kFloat);
+      recv_topk_weights = pad_rows(at::where(is_local, w, at::zeros_like(w)), rows, 0);
+    }
+    // A row counts once for each distinct local expert it holds (extra column for -1).
+    auto hits = at::zeros({num_recv, per_rank + 1}, x.options().dtype(at::kBool));
+    hits.scatter_(1, at::where(is_local, local, at::full_like(local, per_rank)), true);
+    auto raw = hits.narrow(1, 0, per_rank).sum(0).to(at::kLong);
+    per_expert = (at::floor_divide(raw + (expert_alignment - 1), expert_alignment) *
+                  expert_alignment)
+                     .to(at::kInt);
+    recv_topk_idx = pad_rows(local, rows, -1);
+  }
+  return {recv_x,      recv_x_scales, recv_topk_idx, recv_topk_weights,
+          per_expert,  prefix_matrix(counts, x.device()), recv_src_idx};
+}
+
+std::tuple<Tensor, Tensor> cached_dispatch(const Tensor& x, const OptTensor& x_scales,
+                                           const Tensor& is_token_in_rank,
+                                           const Tensor& rank_prefix_matrix,
+                                           const Tensor& recv_src_idx,
+                                           const std::string& group_name) {
+  const char* op = "cached_dispatch";
+  auto group = resolve_group(group_name);
+  const int64_t num_ranks = group->getSize(), rank = group->getRank();
+
+  int64_t num_scales = 0;
+  std::vector<int64_t> send_counts(num_ranks, 0), recv_counts(num_ranks, 0);
+  auto checked = run_checks([&] {
+    num_scales = check_payload(x, x_scales, op);
+    check_handle_tensors(x, is_token_in_rank, rank_prefix_matrix, recv_src_idx, num_ranks, op);
+    TORCH_CHECK_VALUE(is_token_in_rank.size(0) == x.size(0), "ep_ops.", op, ": x has ",
+                      x.size(0), " tokens but the handle's is_token_in_rank has ",
+                      is_token_in_rank.size(0));
+    send_counts = column_counts(is_token_in_rank);
+    recv_counts = handle_recv_counts(rank_prefix_matrix, recv_src_idx, rank, op);
+  });
+  exchange_headers(group, op, x.device(), checked,
+                   {{"hidden", checked.ok() ? x.size(1) : 0},
+                    {"x dtype", static_cast<int64_t>(x.scalar_type())},
+                    {"FP8 scales given", x_scales.has_value()}},
+                   {});
+
+  auto order = send_order(is_token_in_rank);
+  std::vector<Tensor> fields{byte_rows(x.index_select(0, order))};
+  if (x_scales.has_value()) fields.push_back(byte_rows(x_scales->index_select(0, order)));
+  auto received = all_to_all_rows(group, at::cat(fields, 1), send_counts, recv_counts);
+
+  const int64_t rows = recv_src_idx.size(0);
+  const int64_t payload = x.size(1) * x.element_size();
+  auto recv_x = pad_rows(field_from_bytes(received, 0, payload, at::kByte), rows, 0)
+                    .view(x.scalar_type());
+  auto recv_x_scales =
+      x_scales.has_value()
+          ? pad_rows(field_from_bytes(received, payload, num_scales, at::kFloat), rows, 0)
+          : at::empty({0}, x.options().dtype(at::kFloat));
+  return {recv_x, recv_x_scales};
+}
+
+}  // namespace ep_ops::collective

@@ -1,0 +1,17 @@
+"""ep_ops: expert-parallel dispatch/combine as torch.library ops.
+
+Importing the package loads the compiled ops (``ep_ops._C``), their fakes (``ep_ops.meta``),
+their autograd formulas and the compiler annotations, then exposes the Python surfaces.
+"""
+
+from ._loader import load_library
+
+load_library()
+
+from . import autograd as _autograd  # noqa: E402,F401  (registers autograd formulas)
+from . import meta  # noqa: E402,F401  (registers the fakes)
+from ._side_effects import mark_communication_ops  # noqa: E402
+
+mark_communication_ops()
+
+__all__ = ["meta"]

@@ -1,0 +1,825 @@
+"""``Buffer``: drop-in for DeepEP's (and UCCL-EP's) ``deep_ep.Buffer``, over ``torch.ops.ep_ops``.
+
+Same constructor arguments, methods, argument names, defaults and return tuples as DeepEP v1.
+Each method checks what only the wrapper can see (tuple forms, handles, buffer sizes, stats
+tensors), then calls one op; the ops check everything else. Differences from DeepEP:
+
+- Every op runs on the current stream (there is no separate communication stream), so
+  ``allocate_on_comm_stream`` has no effect, ``previous_event`` is waited on by the current
+  stream, and ``async_finish=True`` returns an event recorded after the op (CUDA only).
+- Handles are plain tuples of tensors in ep_ops' own layout (see ``dispatch`` and
+  ``low_latency_dispatch``); DeepEP handles are not accepted.
+- ``num_nvl_bytes`` / ``num_rdma_bytes`` are checked against the size hints, so code that sizes
+  its buffers for DeepEP keeps working, but the ops keep their peer-visible memory inside the
+  library; the bytes given here back only ``get_local_buffer_tensor``.
+"""
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ep_ops.meta.low_latency import dispatch_outputs
+from ep_ops.meta.wire import combine_row_bytes, dispatch_row_bytes, round_up
+
+from .config import NUM_MAX_TOPK, Config, check_positive_int
+from .event import EventOverlap
+
+DISPATCH_HANDLE_NAMES = ("rank_prefix_matrix", "recv_src_idx", "is_token_in_rank")
+DISPATCH_HANDLE = "(" + ", ".join(DISPATCH_HANDLE_NAMES) + ")"
+LOW_LATENCY_HANDLE = (
+    "(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts, recv_token_slots)"
+)
+
+
+def low_latency_bytes(
+    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int
+) -> int:
+    """Wire slabs of the low-latency ops: two alternating buffers, each holding one BF16 dispatch
+    row (the largest format, ``meta/wire.py``) and one BF16 combine row per (source rank, token
+    slot); rounded up to 128 bytes."""
+    rows = num_ranks * num_max_dispatch_tokens_per_rank
+    per_buffer = rows * (dispatch_row_bytes(hidden, num_topk, False) + combine_row_bytes(hidden, False))
+    return round_up(2 * per_buffer, 128)
+
+
+def _group_device(group: dist.ProcessGroup) -> torch.device:
+    """CPU for gloo groups (or without CUDA); the current CUDA device otherwise."""
+    if str(dist.get_backend(group)) == "gloo" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _check_tensor(t, name: str, method: str, dtype=None, shape=None) -> None:
+    """``t`` must be a tensor (of ``dtype``; of ``shape``, where None entries match any size)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{method}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{method}: {name} must be {dtype}, got {t.dtype}")
+    if shape is not None and (
+        t.dim() != len(shape) or any(s is not None and t.size(i) != s for i, s in enumerate(shape))
+    ):
+        expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{method}: {name} must have shape {expected}, got {list(t.shape)}")
+
+
+def _unpack_x(x, method: str):
+    """A tensor, or an ``(x, x_scales)`` FP8 pair -> ``(x, x_scales or None)``."""
+    x_scales = None
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"{method}: x must be a tensor or an (x, x_scales) pair, got {len(x)} items")
+        x, x_scales = x
+        _check_tensor(x_scales, "x_scales (x[1])", method)
+    _check_tensor(x, "x", method, shape=(None, None))
+    return x, x_scales
+
+
+def _unpack_handle(handle, method: str):
+    if not isinstance(handle, (tuple, list)) or len(handle) != 3:
+        raise ValueError(
+            f"{method}: handle must be the tuple {DISPATCH_HANDLE} returned by Buffer.dispatch, "
+            f"got {type(handle).__name__}"
+            + (f" of length {len(handle)}" if isinstance(handle, (tuple, list)) else "")
+        )
+    for name, t in zip(DISPATCH_HANDLE_NAMES, handle, strict=True):
+        _check_tensor(t, f"handle's {name}", method)
+    return tuple(handle)
+
+
+def _unpack_ll_handle(handle, method: str):
+    if not isinstance(handle, (tuple, list)) or len(handle) != 6:
+        raise ValueError(
+            f"{method}: handle must be the tuple {LOW_LATENCY_HANDLE} returned by "
+            f"Buffer.low_latency_dispatch, got {type(handle).__name__}"
+            + (f" of length {len(handle)}" if isinstance(handle, (tuple, list)) else "")
+        )
+    return tuple(handle)
+
+
+def _unpack_bias(bias, method: str):
+    """None, a tensor, or a tuple of up to two tensors (or None) -> ``(bias_0, bias_1)``."""
+    if bias is None or isinstance(bias, torch.Tensor):
+        return bias, None
+    if not isinstance(bias, (tuple, list)) or len(bias) > 2:
+        raise ValueError(
+            f"{method}: bias must be None, a tensor or a tuple of up to two tensors, got "
+            f"{type(bias).__name__}" + (f" of length {len(bias)}" if isinstance(bias, (tuple, list)) else "")
+        )
+    bias_0, bias_1 = (*bias, None, None)[:2]
+    for name, t in (("bias[0]", bias_0), ("bias[1]", bias_1)):
+        if t is not None:
+            _check_tensor(t, name, method)
+    return bias_0, bias_1
+
+
+def _no_op() -> None:
+    """The hook returned without ``return_recv_hook``: the data has already arrived."""
+
+
+class Buffer:
+    """Expert-parallel communication buffer: normal (high-throughput) dispatch/combine and
+    low-latency dispatch/combine over one process group.
+
+    Attributes:
+        num_sms: SMs of the normal kernels (class-wide, see ``set_num_sms``).
+        group, group_name, rank, group_size: the process group, its registered name (the ops'
+            communication key), this rank and the number of ranks.
+        num_nvl_bytes, num_rdma_bytes, low_latency_mode, explicitly_destroy: as given.
+        device: where tensors must live: CPU for gloo groups, the current CUDA device otherwise.
+    """
+
+    num_sms: int = 20
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        explicitly_destroy: bool = False,
+        is_intranode: bool | None = None,
+        *,
+        comm=None,
+    ) -> None:
+        """
+        Arguments:
+            group: the communication group (gloo: CPU tensors; NCCL: CUDA tensors). Must be
+                registered with torch.distributed (``dist.new_group`` and WORLD are).
+            num_nvl_bytes: normal-mode buffer size, at least the ``Config.get_nvl_buffer_size_hint``
+                of the configs used (checked on each dispatch/combine).
+            num_rdma_bytes: low-latency buffer size, at least ``get_low_latency_rdma_size_hint``
+                (checked on each low-latency call).
+            low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl,
+                is_intranode: accepted for DeepEP / UCCL-EP compatibility; ep_ops picks its
+                backend (NVLink kernels or collectives) per group and needs no QPs or proxies.
+            explicitly_destroy: kept for compatibility; ``destroy()`` works either way.
+            comm: DeepEP's mpi4py alternative to ``group``; not supported.
+        """
+        if comm is not None:
+            raise NotImplementedError(
+                "Buffer: comm (an mpi4py communicator) is not supported; pass group, a "
+                "torch.distributed ProcessGroup"
+            )
+        if group is None:
+            raise ValueError("Buffer: group is required (a torch.distributed ProcessGroup)")
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(
+                f"Buffer: group must be a torch.distributed ProcessGroup, got {type(group).__name__}"
+            )
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"Buffer: {name} must be an int, got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"Buffer: {name} must be >= 0, got {value}")
+        check_positive_int(num_qps_per_rank, "num_qps_per_rank")
+
+        self.group = group
+        self.group_name = group.group_name
+        self.rank = group.rank()
+        self.group_size = group.size()
+        self.device = _group_device(group)
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.num_qps_per_rank = num_qps_per_rank
+        self.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode
+        self.allow_mnnvl = allow_mnnvl
+        self.explicitly_destroy = explicitly_destroy
+        self.is_intranode = is_intranode
+        self._raw = {}  # "nvl" / "rdma" -> uint8 tensor, allocated by get_local_buffer_tensor
+        self._combine_buffers = [None, None]  # zero-copy low-latency combine inputs, alternating
+        self._combine_index = 0
+        self._destroyed = False
+
+    # ---------------------------------------------------------------- class-wide settings
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set the SMs of the normal kernels (even: half send, half receive)."""
+        check_positive_int(new_num_sms, "new_num_sms")
+        if new_num_sms % 2 != 0:
+            raise ValueError(f"new_num_sms must be even, got {new_num_sms}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """Default dispatch config for ``num_ranks`` ranks."""
+        check_positive_int(num_ranks, "num_ranks")
+        if num_ranks <= 8:
+            return Config(Buffer.num_sms, 6, 256, 6, 128)
+        return Config(Buffer.num_sms, 16, 288, 20, 128)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """Default combine config for ``num_ranks`` ranks."""
+        check_positive_int(num_ranks, "num_ranks")
+        if num_ranks <= 8:
+            return Config(Buffer.num_sms, 4, 256, 6, 128)
+        return Config(Buffer.num_sms, 4, 288, 12, 128)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        """Minimum ``num_rdma_bytes`` for low-latency calls with these sizes (BF16 rows, top-k up
+        to 32): ``2 * R * M * (dispatch_row_bytes(hidden, 32) + combine_row_bytes(hidden))``,
+        rounded up to 128 bytes. All ranks must use the same ``num_max_dispatch_tokens_per_rank``."""
+        for name, value in (
+            ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
+            ("hidden", hidden),
+            ("num_ranks", num_ranks),
+            ("num_experts", num_experts),
+        ):
+            check_positive_int(value, name)
+        if num_experts % num_ranks != 0:
+            raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks ({num_ranks})")
+        return low_latency_bytes(num_max_dispatch_tokens_per_rank, hidden, num_ranks, NUM_MAX_TOPK)
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True when a CUDA device of compute capability 9.0 or newer is present."""
+        return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event recorded on the current CUDA stream (no event when CUDA is not in use)."""
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return EventOverlap()
+        event = torch.cuda.Event()
+        event.record()
+        return EventOverlap(event)
+
+    # ---------------------------------------------------------------- buffer management
+
+    def get_comm_stream(self):
+        """The stream the ops run on: the current CUDA stream (ep_ops has no stream of its own);
+        None for a CPU buffer."""
+        self._check_alive()
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def get_local_buffer_tensor(
+        self,
+        dtype: torch.dtype,
+        size: torch.Size | None = None,
+        offset: int = 0,
+        use_rdma_buffer: bool = False,
+    ) -> torch.Tensor:
+        """A view of this rank's ``num_nvl_bytes`` (or ``num_rdma_bytes``) scratch bytes as ``dtype``.
+
+        Local memory owned by the Buffer (allocated on first use, zeroed), not visible to peers.
+
+        Arguments:
+            dtype: the element type of the view.
+            size: the view's shape (its elements must fit); None = every whole element.
+            offset: the first byte (a multiple of ``dtype``'s size), like DeepEP.
+            use_rdma_buffer: view the ``num_rdma_bytes`` buffer instead.
+        """
+        self._check_alive()
+        method = "Buffer.get_local_buffer_tensor"
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{method}: dtype must be a torch.dtype, got {type(dtype).__name__}")
+        num_bytes = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+        if not isinstance(offset, int) or not 0 <= offset <= num_bytes or offset % dtype.itemsize:
+            raise ValueError(
+                f"{method}: offset must be a byte offset in [0, {num_bytes}] and a multiple of "
+                f"{dtype.itemsize} ({dtype}), got {offset}"
+            )
+        count = (num_bytes - offset) // dtype.itemsize
+        tensor = self._raw_bytes("rdma" if use_rdma_buffer else "nvl", num_bytes)
+        tensor = tensor[offset : offset + count * dtype.itemsize].view(dtype)
+        if size is None:
+            return tensor
+        size = torch.Size(size)
+        if size.numel() > count:
+            raise ValueError(
+                f"{method}: size {list(size)} needs {size.numel()} elements, the buffer holds {count}"
+            )
+        return tensor[: size.numel()].view(size)
+
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
+        """Zero the zero-copy combine buffers (arguments checked as in the low-latency calls)."""
+        self._check_alive()
+        self._check_low_latency(
+            "Buffer.clean_low_latency_buffer", num_max_dispatch_tokens_per_rank, hidden, num_experts, 0
+        )
+        for buffer in self._combine_buffers:
+            if buffer is not None:
+                buffer.zero_()
+
+    def reset_rdma_buffer(self) -> None:
+        """UCCL-EP: zero every buffer this object owns."""
+        self._check_alive()
+        for tensor in (*self._raw.values(), *self._combine_buffers):
+            if tensor is not None:
+                tensor.zero_()
+
+    def connect_atomic_buffer(self, proxy) -> None:
+        """UCCL-EP only: not supported."""
+        raise NotImplementedError(
+            "Buffer.connect_atomic_buffer: ep_ops has no proxy threads; its ops communicate "
+            "through the process group given to the Buffer, so there is nothing to connect"
+        )
+
+    def destroy(self) -> None:
+        """Release the tensors this Buffer owns. Idempotent; other methods raise afterwards."""
+        self._raw = {}
+        self._combine_buffers = [None, None]
+        self._destroyed = True
+
+    # ---------------------------------------------------------------- normal mode
+
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Routing statistics for a later ``dispatch``; local, no communication.
+
+        Arguments:
+            topk_idx: ``[num_tokens, num_topk]`` int64 expert ids, -1 = none.
+            num_experts: total experts, a multiple of the group size.
+            previous_event: waited on before the op. async_finish: return an event (CUDA).
+            allocate_on_comm_stream: no effect (see the module docstring).
+
+        Returns:
+            num_tokens_per_rank ``[num_ranks]`` int32; None (DeepEP's num_tokens_per_rdma_rank);
+            num_tokens_per_expert ``[num_experts]`` int32; is_token_in_rank
+            ``[num_tokens, num_ranks]`` bool; event.
+        """
+        self._check_alive()
+        method = "Buffer.get_dispatch_layout"
+        _check_tensor(topk_idx, "topk_idx", method)
+        self._check_device(topk_idx, "topk_idx", method)
+        self._wait(previous_event)
+        num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = torch.ops.ep_ops.get_dispatch_layout(
+            topk_idx, num_experts, self.group_size
+        )
+        event = self._event(
+            async_finish, (topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank)
+        )
+        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
+
+    def dispatch(
+        self,
+        x,
+        handle: tuple | None = None,
+        num_tokens_per_rank: torch.Tensor | None = None,
+        num_tokens_per_rdma_rank: torch.Tensor | None = None,
+        is_token_in_rank: torch.Tensor | None = None,
+        num_tokens_per_expert: torch.Tensor | None = None,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Send each token once to every rank that holds one of its experts.
+
+        Arguments:
+            x: ``[num_tokens, hidden]`` bfloat16 (float16/32/64 accepted), or a pair of
+                float8_e4m3fn ``[num_tokens, hidden]`` and float32 scales ``[num_tokens, hidden / 128]``.
+            handle: a previous dispatch's handle: dispatch along its layout (no top-k allowed).
+            num_tokens_per_rank: optional ``[num_ranks]`` int32 from get_dispatch_layout (shape checked).
+            num_tokens_per_rdma_rank: ignored (None within one host in DeepEP).
+            is_token_in_rank: ``[num_tokens, num_ranks]`` bool from get_dispatch_layout (required
+                without a handle).
+            num_tokens_per_expert: ``[num_experts]`` int32 from get_dispatch_layout (required with
+                top-k: it gives num_experts).
+            topk_idx: optional ``[num_tokens, num_topk]`` int64 expert ids, -1 = none.
+            topk_weights: optional ``[num_tokens, num_topk]`` float32.
+            expert_alignment: per-local-expert counts are rounded up to this multiple.
+            num_worst_tokens: 0 = exact (outputs sized by what arrived, one host sync); > 0 = every
+                output has this many rows (padding: topk_idx -1), no host sync, graph-capturable.
+            config: ``Config``; default ``get_dispatch_config(group_size)``; sizes the buffer check.
+            previous_event, async_finish, allocate_on_comm_stream: see get_dispatch_layout.
+
+        Returns:
+            recv_x (same form as x, ``[N, hidden]``), recv_topk_idx ``[N, num_topk]`` int64 local
+            expert ids (-1 = not here) or None, recv_topk_weights ``[N, num_topk]`` float32 or None,
+            num_recv_tokens_per_expert_list (list of ints per local expert; [] in worst-token mode
+            or without top-k), handle ``(rank_prefix_matrix [R, R] int32, recv_src_idx [N] int32,
+            is_token_in_rank [num_tokens, R] bool)``, event. With a handle: recv_x, None, None,
+            None, the same handle, event. Rows come ordered by source rank, then source token.
+        """
+        self._check_alive()
+        method = "Buffer.dispatch"
+        x, x_scales = _unpack_x(x, method)
+        self._check_device(x, "x", method)
+        self._check_nvl_bytes(self._config(config, Buffer.get_dispatch_config, method), x, method)
+        ops = torch.ops.ep_ops
+
+        if handle is not None:
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError(f"{method}: topk_idx and topk_weights must be None when a handle is given")
+            rank_prefix_matrix, recv_src_idx, is_token_in_rank = handle = _unpack_handle(handle, method)
+            self._wait(previous_event)
+            recv_x, recv_x_scales = ops.cached_dispatch(
+                x, x_scales, is_token_in_rank, rank_prefix_matrix, recv_src_idx, self.group_name
+            )
+            recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
+            return (
+                recv,
+                None,
+                None,
+                None,
+                handle,
+                self._event(async_finish, (x, x_scales, recv_x, recv_x_scales)),
+            )
+
+        if is_token_in_rank is None:
+            raise ValueError(
+                f"{method}: is_token_in_rank is required without a handle; "
+                "get it from Buffer.get_dispatch_layout(topk_idx, num_experts)"
+            )
+        if num_tokens_per_rank is not None:
+            _check_tensor(num_tokens_per_rank, "num_tokens_per_rank", method, torch.int32, (self.group_size,))
+        num_experts = self.group_size  # unused without top-k; any multiple of the group size
+        if num_tokens_per_expert is not None:
+            _check_tensor(num_tokens_per_expert, "num_tokens_per_expert", method, torch.int32, (None,))
+            num_experts = num_tokens_per_expert.size(0)
+        elif topk_idx is not None:
+            raise ValueError(
+                f"{method}: num_tokens_per_expert is required with topk_idx (its length is num_experts); "
+                "get it from Buffer.get_dispatch_layout(topk_idx, num_experts)"
+            )
+        self._wait(previous_event)
+        outputs = ops.dispatch(
+            x, x_scales, topk_idx, topk_weights, is_token_in_rank,
+            num_experts, expert_alignment, num_worst_tokens, self.group_name,
+        )  # fmt: skip
+        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts, rank_prefix_matrix, recv_src_idx = (
+            outputs
+        )
+        counts_list = counts.tolist() if topk_idx is not None and num_worst_tokens == 0 else []
+        handle = (rank_prefix_matrix, recv_src_idx, is_token_in_rank)
+        event = self._event(async_finish, (x, x_scales, topk_idx, topk_weights, *outputs))
+        return (
+            (recv_x, recv_x_scales) if x_scales is not None else recv_x,
+            recv_topk_idx if topk_idx is not None else None,
+            recv_topk_weights if topk_weights is not None else None,
+            counts_list,
+            handle,
+            event,
+        )
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: tuple,
+        topk_weights: torch.Tensor | None = None,
+        bias=None,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Inverse of dispatch: every original token gets the **sum** (no weights) of its rows.
+
+        Arguments:
+            x: ``[N, hidden]`` float rows in the order dispatch delivered them (bfloat16 in DeepEP).
+            handle: the handle from ``dispatch``.
+            topk_weights: optional ``[N, num_topk]`` float32, summed the same way.
+            bias: None, a ``[num_tokens, hidden]`` tensor of x's dtype, or a tuple of up to two.
+            config: ``Config``; default ``get_combine_config(group_size)``; sizes the buffer check.
+            previous_event, async_finish, allocate_on_comm_stream: see get_dispatch_layout.
+
+        Returns:
+            combined_x ``[num_tokens, hidden]`` (x's dtype), combined_topk_weights
+            ``[num_tokens, num_topk]`` float32 or None, event.
+        """
+        self._check_alive()
+        method = "Buffer.combine"
+        _check_tensor(x, "x", method, shape=(None, None))
+        self._check_device(x, "x", method)
+        rank_prefix_matrix, recv_src_idx, is_token_in_rank = _unpack_handle(handle, method)
+        bias_0, bias_1 = _unpack_bias(bias, method)
+        self._check_nvl_bytes(self._config(config, Buffer.get_combine_config, method), x, method)
+        self._wait(previous_event)
+        combined_x, combined_topk_weights = torch.ops.ep_ops.combine(
+            x,
+            topk_weights,
+            bias_0,
+            bias_1,
+            is_token_in_rank,
+            rank_prefix_matrix,
+            recv_src_idx,
+            self.group_name,
+        )
+        event = self._event(
+            async_finish, (x, topk_weights, bias_0, bias_1, combined_x, combined_topk_weights)
+        )
+        return combined_x, combined_topk_weights if topk_weights is not None else None, event
+
+    # The same ops serve groups that span hosts (collective backend): same methods, same signatures.
+    internode_dispatch = dispatch
+    internode_combine = combine
+
+    # ---------------------------------------------------------------- low-latency mode
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+        dispatch_wait_recv_cost_stats: torch.Tensor | None = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ):
+        """Dispatch a decode-sized batch into a static per-expert layout (graph-capturable).
+
+        R = group size, M = num_max_dispatch_tokens_per_rank, E_local = num_experts / R.
+
+        Arguments:
+            x: ``[num_tokens, hidden]`` bfloat16, num_tokens <= M.
+            topk_idx: ``[num_tokens, num_topk]`` int64 expert ids, -1 = none.
+            num_max_dispatch_tokens_per_rank: M, the same on every rank.
+            num_experts: total experts, a multiple of R.
+            cumulative_local_expert_recv_stats: optional ``[E_local]`` int32; ``recv_count`` is added.
+            dispatch_wait_recv_cost_stats: optional ``[R]`` int64; the nanoseconds this rank spent
+                in the receive step are added to **every** entry (the collective backend cannot
+                attribute the wait to one peer). Measured on the host: the wait itself for CPU
+                tensors; on CUDA only the time to issue the work. Not allowed during graph capture.
+            use_fp8: cast to float8_e4m3fn with float32 scales per 128 channels.
+            round_scale: scales rounded up to powers of 2. use_ue8m0: scales packed as UE8M0
+                (needs round_scale).
+            async_finish: return an event (CUDA); not with return_recv_hook.
+            return_recv_hook: only send now; the returned hook receives, filling the returned
+                tensors in place (and updating the stats). Call it once before reading them.
+
+        Returns:
+            recv_x: ``[E_local, R*M, hidden]`` bfloat16, or with use_fp8 a pair of that shape in
+                float8_e4m3fn and scales ``[E_local, R*M, hidden / 128]`` float32 (UE8M0:
+                ``hidden / 512`` int32), scales column-major in the last two dims;
+            recv_count ``[E_local]`` int32 valid rows per expert; handle
+            ``(src_info, layout_range, M, hidden, num_experts, recv_token_slots)``; event; hook
+            (a no-op callable without return_recv_hook).
+        """
+        self._check_alive()
+        method = "Buffer.low_latency_dispatch"
+        _check_tensor(x, "x", method, shape=(None, None))
+        _check_tensor(topk_idx, "topk_idx", method, shape=(None, None))
+        self._check_device(x, "x", method)
+        hidden, num_topk = x.size(1), topk_idx.size(1)
+        num_local_experts = self._check_low_latency(
+            method, num_max_dispatch_tokens_per_rank, hidden, num_experts, num_topk
+        )
+        if async_finish and return_recv_hook:
+            raise ValueError(f"{method}: async_finish and return_recv_hook cannot both be set")
+        recv_stats = cumulative_local_expert_recv_stats
+        if recv_stats is not None:
+            _check_tensor(
+                recv_stats, "cumulative_local_expert_recv_stats", method, torch.int32, (num_local_experts,)
+            )
+            self._check_device(recv_stats, "cumulative_local_expert_recv_stats", method)
+        wait_stats = dispatch_wait_recv_cost_stats
+        self._check_wait_stats(wait_stats, "dispatch_wait_recv_cost_stats", method)
+
+        ops = torch.ops.ep_ops
+        args = (x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0)
+        if return_recv_hook:
+            recv_packed = ops.low_latency_dispatch_send(*args, self.group_name)
+            outputs = dispatch_outputs(
+                x, self.group_size, num_max_dispatch_tokens_per_rank, hidden, num_topk,
+                num_experts, use_fp8, use_ue8m0,
+            )  # fmt: skip
+
+            def recv_op():
+                return ops.low_latency_dispatch_recv(
+                    recv_packed, num_max_dispatch_tokens_per_rank, hidden, num_topk,
+                    num_experts, use_fp8, use_ue8m0, self.group_name,
+                )  # fmt: skip
+
+            def fill(received) -> None:
+                for out, value in zip(outputs, received, strict=True):
+                    out.copy_(value)
+                if recv_stats is not None:
+                    recv_stats.add_(outputs[2])
+
+            hook = self._once(recv_op, fill, wait_stats)
+        else:
+            outputs = self._timed(lambda: ops.low_latency_dispatch(*args, self.group_name), wait_stats)
+            if recv_stats is not None:
+                recv_stats.add_(outputs[2])
+            hook = _no_op
+
+        recv_x, recv_x_scales, recv_count, src_info, layout_range, recv_token_slots = outputs
+        handle = (
+            src_info,
+            layout_range,
+            num_max_dispatch_tokens_per_rank,
+            hidden,
+            num_experts,
+            recv_token_slots,
+        )
+        event = self._event(async_finish, (x, topk_idx, *outputs, recv_stats))
+        return (recv_x, recv_x_scales) if use_fp8 else recv_x, recv_count, handle, event, hook
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: tuple,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: torch.Tensor | None = None,
+        combine_wait_recv_cost_stats: torch.Tensor | None = None,
+    ):
+        """Weighted sum over each token's top-k experts, back on the token's rank.
+
+        Arguments:
+            x: ``[E_local, R*M, hidden]`` bfloat16 expert outputs in low_latency_dispatch's layout.
+            topk_idx: ``[num_tokens, num_topk]`` int64, as passed to low_latency_dispatch.
+            topk_weights: ``[num_tokens, num_topk]`` float32.
+            handle: the handle from ``low_latency_dispatch``.
+            use_logfmt: partial sums cross the link LogFMT-10 encoded (lossy, fewer bytes).
+            zero_copy: read the expert output from the tensor ``get_next_low_latency_combine_buffer``
+                returned (x only gives the shape).
+            async_finish, return_recv_hook: as in low_latency_dispatch; the hook fills the
+                returned tensor in place.
+            out: optional ``[num_tokens, hidden]`` bfloat16; the result is written there and returned.
+            combine_wait_recv_cost_stats: optional ``[R]`` int64, as dispatch_wait_recv_cost_stats.
+
+        Returns:
+            combined_x ``[num_tokens, hidden]`` bfloat16, event, hook.
+        """
+        self._check_alive()
+        method = "Buffer.low_latency_combine"
+        _, _, num_max, hidden, num_experts, recv_token_slots = _unpack_ll_handle(handle, method)
+        _check_tensor(topk_idx, "topk_idx", method, shape=(None, None))
+        num_local_experts = self._check_low_latency(method, num_max, hidden, num_experts, topk_idx.size(1))
+        expert_shape = (num_local_experts, self.group_size * num_max, hidden)
+        _check_tensor(x, "x", method, shape=expert_shape)
+        self._check_device(x, "x", method)
+        if async_finish and return_recv_hook:
+            raise ValueError(f"{method}: async_finish and return_recv_hook cannot both be set")
+        num_tokens = topk_idx.size(0)
+        if out is not None:
+            _check_tensor(out, "out", method, torch.bfloat16, (num_tokens, hidden))
+            self._check_device(out, "out", method)
+        wait_stats = combine_wait_recv_cost_stats
+        self._check_wait_stats(wait_stats, "combine_wait_recv_cost_stats", method)
+        if zero_copy:
+            x = self._combine_buffers[self._combine_index]
+            if x is None or tuple(x.shape) != expert_shape:
+                raise ValueError(
+                    f"{method}: zero_copy=True reads the expert output from the tensor that "
+                    "Buffer.get_next_low_latency_combine_buffer(handle) returns; call it and fill "
+                    "that tensor before this call"
+                )
+        self._combine_index ^= 1
+
+        ops = torch.ops.ep_ops
+        args = (x, topk_idx, topk_weights, recv_token_slots, num_max, use_logfmt, self.group_name)
+        if return_recv_hook:
+            recv_partials = ops.low_latency_combine_send(*args)
+            combined_x = out if out is not None else x.new_empty((num_tokens, hidden), dtype=torch.bfloat16)
+
+            def recv_op():
+                return ops.low_latency_combine_recv(
+                    recv_partials, topk_idx, hidden, num_experts, num_max, use_logfmt, self.group_name
+                )
+
+            hook = self._once(recv_op, combined_x.copy_, wait_stats)
+        else:
+            combined_x = self._timed(lambda: ops.low_latency_combine(*args), wait_stats)
+            if out is not None:
+                combined_x = out.copy_(combined_x)
+            hook = _no_op
+        event = self._event(async_finish, (x, topk_idx, topk_weights, recv_token_slots, combined_x))
+        return combined_x, event, hook
+
+    def get_next_low_latency_combine_buffer(self, handle: tuple) -> torch.Tensor:
+        """The ``[E_local, R*M, hidden]`` bfloat16 tensor the next ``low_latency_combine(...,
+        zero_copy=True)`` reads; fill it with the expert output. The Buffer owns two and
+        alternates between them on every low_latency_combine call (allocated once per shape)."""
+        self._check_alive()
+        method = "Buffer.get_next_low_latency_combine_buffer"
+        _, _, num_max, hidden, num_experts, _ = _unpack_ll_handle(handle, method)
+        shape = (num_experts // self.group_size, self.group_size * num_max, hidden)
+        buffer = self._combine_buffers[self._combine_index]
+        if buffer is None or tuple(buffer.shape) != shape:
+            buffer = torch.zeros(shape, dtype=torch.bfloat16, device=self.device)
+            self._combine_buffers[self._combine_index] = buffer
+        return buffer
+
+    # ---------------------------------------------------------------- helpers
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("Buffer was destroyed")
+
+    def _check_device(self, t: torch.Tensor, name: str, method: str) -> None:
+        if t.device != self.device:
+            raise ValueError(
+                f"{method}: {name} must be on {self.device} (the Buffer's device), got {t.device}"
+            )
+
+    def _config(self, config, default, method: str) -> Config:
+        if config is None:
+            return default(self.group_size)
+        if not isinstance(config, Config):
+            raise TypeError(f"{method}: config must be an ep_ops Config, got {type(config).__name__}")
+        return config
+
+    def _check_nvl_bytes(self, config: Config, x: torch.Tensor, method: str) -> None:
+        hidden_bytes = x.size(1) * max(x.element_size(), 2)
+        needed = config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
+        if self.num_nvl_bytes < needed:
+            raise ValueError(
+                f"{method}: num_nvl_bytes={self.num_nvl_bytes} is too small: this call needs {needed} "
+                f"bytes (config.get_nvl_buffer_size_hint(hidden_bytes={hidden_bytes}, "
+                f"num_ranks={self.group_size})); create the Buffer with num_nvl_bytes >= {needed}"
+            )
+
+    def _check_low_latency(
+        self, method: str, num_max: int, hidden: int, num_experts: int, num_topk: int
+    ) -> int:
+        """Checks the low-latency sizes and num_rdma_bytes; returns E_local."""
+        hint = Buffer.get_low_latency_rdma_size_hint(num_max, hidden, self.group_size, num_experts)
+        needed = max(hint, low_latency_bytes(num_max, hidden, self.group_size, num_topk))
+        if self.num_rdma_bytes < needed:
+            source = (
+                f"Buffer.get_low_latency_rdma_size_hint({num_max}, {hidden}, {self.group_size}, {num_experts})"
+                if needed == hint
+                else f"num_topk={num_topk} is above the {NUM_MAX_TOPK} the size hint assumes"
+            )
+            raise ValueError(
+                f"{method}: num_rdma_bytes={self.num_rdma_bytes} is too small: this call needs "
+                f"{needed} bytes ({source}); create the Buffer with num_rdma_bytes >= {needed}"
+            )
+        return num_experts // self.group_size
+
+    def _check_wait_stats(self, stats, name: str, method: str) -> None:
+        if stats is None:
+            return
+        _check_tensor(stats, name, method, torch.int64, (self.group_size,))
+        self._check_device(stats, name, method)
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(
+                f"{method}: {name} is measured on the host and cannot be used during CUDA graph capture"
+            )
+
+    def _wait(self, previous_event) -> None:
+        if previous_event is None:
+            return
+        if not isinstance(previous_event, EventOverlap):
+            raise TypeError(
+                f"Buffer: previous_event must be an EventOverlap or None, got {type(previous_event).__name__}"
+            )
+        previous_event.current_stream_wait()
+
+    def _event(self, async_finish: bool, tensors) -> EventOverlap:
+        """With async_finish on CUDA: an event recorded now, keeping ``tensors`` alive."""
+        if not async_finish or self.device.type != "cuda":
+            return EventOverlap()
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return EventOverlap(event, tuple(t for t in tensors if t is not None))
+
+    @staticmethod
+    def _timed(op, wait_stats):
+        """Runs ``op()``; adds its host time in nanoseconds to every entry of ``wait_stats``."""
+        start = time.perf_counter_ns()
+        result = op()
+        if wait_stats is not None:
+            wait_stats.add_(time.perf_counter_ns() - start)
+        return result
+
+    def _once(self, recv_op, fill, wait_stats):
+        """A receive hook: runs ``fill(recv_op())`` on its first call, nothing afterwards."""
+        done = False
+
+        def hook() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            self._check_alive()
+            fill(self._timed(recv_op, wait_stats))
+
+        return hook
+
+    def _raw_bytes(self, kind: str, num_bytes: int) -> torch.Tensor:
+        if kind not in self._raw:
+            self._raw[kind] = torch.zeros(num_bytes, dtype=torch.uint8, device=self.device)
+        return self._raw[kind]
