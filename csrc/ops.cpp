@@ -10,14 +10,16 @@
 //    compiler never drops it on one rank while the others wait for it.
 #include <torch/library.h>
 
+// set_python_module names the Python module holding the fakes of the ops defined after it, so a
+// fake-tensor trace imports it even when only this library was loaded.
 TORCH_LIBRARY(ep_ops, m) {
-  m.set_python_module("ep_ops.meta");
-
   // Local routing statistics; no communication.
+  m.set_python_module("ep_ops.meta.layout");
   m.def(
       "get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> "
       "(Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank)");
 
+  m.set_python_module("ep_ops.meta.dispatch");
   // Normal (high-throughput) dispatch. num_worst_tokens == 0: exact mode, the received row count
   // is data-dependent. num_worst_tokens > 0: every row-indexed output has that many rows.
   m.def(
@@ -33,12 +35,14 @@ TORCH_LIBRARY(ep_ops, m) {
       "Tensor rank_prefix_matrix, Tensor recv_src_idx, str group_name) -> "
       "(Tensor recv_x, Tensor recv_x_scales)");
 
+  m.set_python_module("ep_ops.meta.combine");
   // Inverse of dispatch: every original token gets the sum of the rows dispatched from it.
   m.def(
       "combine(Tensor x, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, "
       "Tensor is_token_in_rank, Tensor rank_prefix_matrix, Tensor recv_src_idx, str group_name) "
       "-> (Tensor combined_x, Tensor combined_topk_weights)");
 
+  m.set_python_module("ep_ops.meta.low_latency");
   // Low-latency dispatch into the static [E_local, R*M, H] layout, whole and as send/recv halves.
   m.def(
       "low_latency_dispatch(Tensor x, Tensor topk_idx, int num_max_dispatch_tokens_per_rank, "

@@ -43,7 +43,14 @@ def _dispatch_backward(ctx, grad_recv_x, _gs, _gi, grad_recv_topk_weights, _gc, 
         # Weights of experts on other ranks were zeroed in the forward: no gradient flows there.
         grad_weights = torch.where(recv_topk_idx >= 0, grad_weights, torch.zeros_like(grad_weights))
     grad_x, grad_topk_weights = ops.combine(
-        grad_recv_x, grad_weights, None, None, is_token_in_rank, rank_prefix_matrix, recv_src_idx, ctx.group_name
+        grad_recv_x,
+        grad_weights,
+        None,
+        None,
+        is_token_in_rank,
+        rank_prefix_matrix,
+        recv_src_idx,
+        ctx.group_name,
     )
     return (
         None if ctx.is_fp8 else grad_x,

@@ -29,9 +29,7 @@ def check_matrix(t: torch.Tensor, op: str, name: str, dtype: torch.dtype, rows, 
     """``t`` must be 2-D with ``rows`` rows (and ``cols`` columns when given) of ``dtype``."""
     check_value(t.dim() == 2, op, f"{name} must be 2-D, got shape {tuple(t.shape)}")
     check_type(t.dtype == dtype, op, f"{name} must be {dtype}, got {t.dtype}")
-    check_value(
-        t.size(0) == rows, op, f"{name} must have {rows} rows, got shape {tuple(t.shape)}"
-    )
+    check_value(t.size(0) == rows, op, f"{name} must have {rows} rows, got shape {tuple(t.shape)}")
     if cols is not None:
         check_value(
             t.size(1) == cols,
@@ -41,9 +39,7 @@ def check_matrix(t: torch.Tensor, op: str, name: str, dtype: torch.dtype, rows, 
 
 
 def check_same_device(t: torch.Tensor, x: torch.Tensor, op: str, name: str) -> None:
-    check_value(
-        t.device == x.device, op, f"{name} must be on {x.device} like x, got {t.device}"
-    )
+    check_value(t.device == x.device, op, f"{name} must be on {x.device} like x, got {t.device}")
 
 
 def check_experts(num_experts: int, num_ranks: int, op: str) -> int:
@@ -74,9 +70,7 @@ def check_payload(x: torch.Tensor, x_scales, op: str) -> int:
         f"x must be float8_e4m3fn when x_scales is given, got {x.dtype}",
     )
     hidden = x.size(1)
-    check_value(
-        hidden % 128 == 0, op, f"FP8 hidden size must be a multiple of 128, got {hidden}"
-    )
+    check_value(hidden % 128 == 0, op, f"FP8 hidden size must be a multiple of 128, got {hidden}")
     check_matrix(x_scales, op, "x_scales", torch.float32, x.size(0), hidden // 128)
     check_same_device(x_scales, x, op, "x_scales")
     return hidden // 128

@@ -5,9 +5,7 @@ from .dispatch import check_handle
 
 
 @torch.library.register_fake("ep_ops::combine")
-def combine(
-    x, topk_weights, bias_0, bias_1, is_token_in_rank, rank_prefix_matrix, recv_src_idx, group_name
-):
+def combine(x, topk_weights, bias_0, bias_1, is_token_in_rank, rank_prefix_matrix, recv_src_idx, group_name):
     """Inverse of dispatch: each original token receives the sum of the rows dispatched from it.
 
     Args:

@@ -76,21 +76,16 @@ def dispatch(
     else:
         num_recv = torch.library.get_ctx().new_dynamic_size()
     hidden = x.size(1)
-    empty_f32 = x.new_empty((0,), dtype=torch.float32)
     recv_x = x.new_empty((num_recv, hidden))
-    recv_x_scales = (
-        x.new_empty((num_recv, num_scales), dtype=torch.float32) if x_scales is not None else empty_f32
-    )
+    recv_x_scales = x.new_empty((num_recv, num_scales) if x_scales is not None else (0,), dtype=torch.float32)
     if topk_idx is None:
         recv_topk_idx = x.new_empty((0,), dtype=torch.int64)
         counts = x.new_empty((0,), dtype=torch.int32)
     else:
         recv_topk_idx = x.new_empty((num_recv, num_topk), dtype=torch.int64)
         counts = x.new_empty((num_experts // num_ranks,), dtype=torch.int32)
-    recv_topk_weights = (
-        x.new_empty((num_recv, num_topk), dtype=torch.float32)
-        if topk_weights is not None
-        else empty_f32
+    recv_topk_weights = x.new_empty(
+        (num_recv, num_topk) if topk_weights is not None else (0,), dtype=torch.float32
     )
     return (
         recv_x,
@@ -115,12 +110,8 @@ def check_handle(is_token_in_rank, rank_prefix_matrix, recv_src_idx, num_ranks, 
         f"is_token_in_rank must be bool, got {is_token_in_rank.dtype}",
     )
     check_matrix(rank_prefix_matrix, op, "rank_prefix_matrix", torch.int32, num_ranks, num_ranks)
-    check_value(
-        recv_src_idx.dim() == 1, op, f"recv_src_idx must be 1-D, got {tuple(recv_src_idx.shape)}"
-    )
-    check_type(
-        recv_src_idx.dtype == torch.int32, op, f"recv_src_idx must be int32, got {recv_src_idx.dtype}"
-    )
+    check_value(recv_src_idx.dim() == 1, op, f"recv_src_idx must be 1-D, got {tuple(recv_src_idx.shape)}")
+    check_type(recv_src_idx.dtype == torch.int32, op, f"recv_src_idx must be int32, got {recv_src_idx.dtype}")
     for name, t in (
         ("is_token_in_rank", is_token_in_rank),
         ("rank_prefix_matrix", rank_prefix_matrix),

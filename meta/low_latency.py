@@ -24,9 +24,7 @@ def check_tokens(x, topk_idx, num_max, op):
 
 def check_fp8_options(hidden, use_fp8, round_scale, use_ue8m0, op):
     if use_fp8:
-        check_value(
-            hidden % FP8_BLOCK == 0, op, f"FP8 hidden size must be a multiple of 128, got {hidden}"
-        )
+        check_value(hidden % FP8_BLOCK == 0, op, f"FP8 hidden size must be a multiple of 128, got {hidden}")
     check_value(not use_ue8m0 or use_fp8, op, "use_ue8m0 needs use_fp8")
     check_value(not use_ue8m0 or round_scale, op, "use_ue8m0 needs round_scale")
     if use_ue8m0:
@@ -96,8 +94,14 @@ def low_latency_dispatch(
     check_experts(num_experts, num_ranks, op)
     check_fp8_options(x.size(1), use_fp8, round_scale, use_ue8m0, op)
     return dispatch_outputs(
-        x, num_ranks, num_max_dispatch_tokens_per_rank, x.size(1), topk_idx.size(1),
-        num_experts, use_fp8, use_ue8m0,
+        x,
+        num_ranks,
+        num_max_dispatch_tokens_per_rank,
+        x.size(1),
+        topk_idx.size(1),
+        num_experts,
+        use_fp8,
+        use_ue8m0,
     )
 
 
@@ -119,7 +123,14 @@ def low_latency_dispatch_send(
 
 @torch.library.register_fake("ep_ops::low_latency_dispatch_recv")
 def low_latency_dispatch_recv(
-    recv_packed, num_max_dispatch_tokens_per_rank, hidden, num_topk, num_experts, use_fp8, use_ue8m0, group_name
+    recv_packed,
+    num_max_dispatch_tokens_per_rank,
+    hidden,
+    num_topk,
+    num_experts,
+    use_fp8,
+    use_ue8m0,
+    group_name,
 ):
     """Recv half of low_latency_dispatch: unpacks recv_packed into the outputs of
     low_latency_dispatch (same shapes, same values)."""
@@ -136,8 +147,14 @@ def low_latency_dispatch_recv(
         f"recv_packed must have shape {expected}, got {tuple(recv_packed.shape)}",
     )
     return dispatch_outputs(
-        recv_packed, num_ranks, num_max_dispatch_tokens_per_rank, hidden, num_topk,
-        num_experts, use_fp8, use_ue8m0,
+        recv_packed,
+        num_ranks,
+        num_max_dispatch_tokens_per_rank,
+        hidden,
+        num_topk,
+        num_experts,
+        use_fp8,
+        use_ue8m0,
     )
 
 
@@ -169,7 +186,11 @@ def check_combine_inputs(x, topk_idx, topk_weights, recv_token_slots, num_max, n
         f"recv_token_slots must have shape {expected} (from the dispatch handle), "
         f"got {tuple(recv_token_slots.shape)}",
     )
-    for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights), ("recv_token_slots", recv_token_slots)):
+    for name, t in (
+        ("topk_idx", topk_idx),
+        ("topk_weights", topk_weights),
+        ("recv_token_slots", recv_token_slots),
+    ):
         check_same_device(t, x, op, name)
 
 
@@ -191,7 +212,9 @@ def low_latency_combine(
     """
     op = "low_latency_combine"
     num_ranks = world_size(group_name)
-    check_combine_inputs(x, topk_idx, topk_weights, recv_token_slots, num_max_dispatch_tokens_per_rank, num_ranks, op)
+    check_combine_inputs(
+        x, topk_idx, topk_weights, recv_token_slots, num_max_dispatch_tokens_per_rank, num_ranks, op
+    )
     return x.new_empty((topk_idx.size(0), x.size(2)))
 
 
@@ -203,10 +226,14 @@ def low_latency_combine_send(
     partial sums this rank received for its own tokens, one per (expert rank, token slot)."""
     op = "low_latency_combine_send"
     num_ranks = world_size(group_name)
-    check_combine_inputs(x, topk_idx, topk_weights, recv_token_slots, num_max_dispatch_tokens_per_rank, num_ranks, op)
+    check_combine_inputs(
+        x, topk_idx, topk_weights, recv_token_slots, num_max_dispatch_tokens_per_rank, num_ranks, op
+    )
     hidden = x.size(2)
     if use_logfmt:
-        check_value(hidden % FP8_BLOCK == 0, op, f"LogFMT hidden size must be a multiple of 128, got {hidden}")
+        check_value(
+            hidden % FP8_BLOCK == 0, op, f"LogFMT hidden size must be a multiple of 128, got {hidden}"
+        )
     row_bytes = combine_row_bytes(hidden, use_logfmt)
     return x.new_empty((num_ranks, num_max_dispatch_tokens_per_rank, row_bytes), dtype=torch.uint8)
 
@@ -222,7 +249,9 @@ def low_latency_combine_recv(
     check_value(topk_idx.dim() == 2, op, f"topk_idx must be 2-D, got {tuple(topk_idx.shape)}")
     check_type(topk_idx.dtype == torch.int64, op, f"topk_idx must be int64, got {topk_idx.dtype}")
     expected = (num_ranks, num_max_dispatch_tokens_per_rank, combine_row_bytes(hidden, use_logfmt))
-    check_type(recv_partials.dtype == torch.uint8, op, f"recv_partials must be uint8, got {recv_partials.dtype}")
+    check_type(
+        recv_partials.dtype == torch.uint8, op, f"recv_partials must be uint8, got {recv_partials.dtype}"
+    )
     check_value(
         tuple(recv_partials.shape) == expected,
         op,
@@ -239,6 +268,8 @@ def low_latency_combine_backward(
     rows) and grad_topk_weights ``[T, K]`` float32."""
     op = "low_latency_combine_backward"
     num_ranks = world_size(group_name)
-    check_combine_inputs(x, topk_idx, topk_weights, recv_token_slots, num_max_dispatch_tokens_per_rank, num_ranks, op)
+    check_combine_inputs(
+        x, topk_idx, topk_weights, recv_token_slots, num_max_dispatch_tokens_per_rank, num_ranks, op
+    )
     check_matrix(grad_combined_x, op, "grad_combined_x", torch.bfloat16, topk_idx.size(0), x.size(2))
     return x.new_empty(x.shape), topk_weights.new_empty(topk_weights.shape)

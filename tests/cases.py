@@ -40,7 +40,9 @@ def routing_of(case: Case, rank: int, world_size: int) -> torch.Tensor:
         topk.fill_(-1)
     elif case.routing == "one_rank":
         per_rank = case.num_experts // world_size
-        topk = torch.stack([torch.randperm(per_rank, generator=gen)[: case.num_topk] for _ in range(num_tokens)])
+        topk = torch.stack(
+            [torch.randperm(per_rank, generator=gen)[: case.num_topk] for _ in range(num_tokens)]
+        )
         topk = topk.reshape(num_tokens, case.num_topk).to(torch.int64)
     elif case.routing == "skewed":
         topk[:, 0] = 0
