@@ -6,8 +6,8 @@ communication inside each call pairs up across ranks."""
 
 import pytest
 import torch
-
 from cases import Case, inputs_of
+
 from ep_ops.launch import parallel_launch
 
 ops = torch.ops.ep_ops

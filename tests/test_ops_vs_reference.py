@@ -3,8 +3,8 @@
 
 import pytest
 import torch
-
 from cases import Case, all_inputs, assert_same
+
 from ep_ops.launch import parallel_launch
 from ep_ops.reference import (
     reference_cached_dispatch,
@@ -42,8 +42,8 @@ def _column(inputs, key):
     return None if values[0] is None else values
 
 
-def _run_twice(fn):
-    first, second = fn(), fn()
+def _run_twice(op, *args):
+    first, second = op(*args), op(*args)
     assert_same(second, first, "second run of the same call (determinism)")
     return first
 
@@ -73,25 +73,22 @@ def normal_worker(rank, world_size, group_name, cases):
             case.num_worst_tokens,
         )
         out = _run_twice(
-            lambda: ops.dispatch(
-                me["x"],
-                me["x_scales"],
-                me["topk_idx"],
-                me["topk_weights"],
-                me["is_token_in_rank"],
-                case.num_experts,
-                case.expert_alignment,
-                case.num_worst_tokens,
-                group_name,
-            )
+            ops.dispatch,
+            me["x"],
+            me["x_scales"],
+            me["topk_idx"],
+            me["topk_weights"],
+            me["is_token_in_rank"],
+            case.num_experts,
+            case.expert_alignment,
+            case.num_worst_tokens,
+            group_name,
         )
         assert_same(out, expected[rank], f"dispatch {what}")
 
         handles = [(inputs[r]["is_token_in_rank"], expected[r][5], expected[r][6]) for r in range(world_size)]
         cached = _run_twice(
-            lambda: ops.cached_dispatch(
-                me["x"], me["x_scales"], me["is_token_in_rank"], out[5], out[6], group_name
-            )
+            ops.cached_dispatch, me["x"], me["x_scales"], me["is_token_in_rank"], out[5], out[6], group_name
         )
         expected_cached = reference_cached_dispatch(
             _column(inputs, "x"), _column(inputs, "x_scales"), handles
@@ -107,16 +104,15 @@ def normal_worker(rank, world_size, group_name, cases):
                 [expected[r][0] for r in range(world_size)], weights, bias_0, bias_1, handles
             )
             combined = _run_twice(
-                lambda b0=bias_0, b1=bias_1: ops.combine(
-                    out[0],
-                    None if weights is None else out[3],
-                    None if b0 is None else b0[rank],
-                    None if b1 is None else b1[rank],
-                    me["is_token_in_rank"],
-                    out[5],
-                    out[6],
-                    group_name,
-                )
+                ops.combine,
+                out[0],
+                None if weights is None else out[3],
+                None if bias_0 is None else bias_0[rank],
+                None if bias_1 is None else bias_1[rank],
+                me["is_token_in_rank"],
+                out[5],
+                out[6],
+                group_name,
             )
             assert_same(combined, expected_combined[rank], f"combine {what}")
 
@@ -132,9 +128,15 @@ def low_latency_worker(rank, world_size, group_name, cases):
             xs, topk, num_max, num_experts, use_fp8, round_scale, use_ue8m0
         )
         out = _run_twice(
-            lambda: ops.low_latency_dispatch(
-                xs[rank], topk[rank], num_max, num_experts, use_fp8, round_scale, use_ue8m0, group_name
-            )
+            ops.low_latency_dispatch,
+            xs[rank],
+            topk[rank],
+            num_max,
+            num_experts,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            group_name,
         )
         assert_same(out, expected[rank], f"low_latency_dispatch {what}")
         packed = ops.low_latency_dispatch_send(
@@ -154,9 +156,14 @@ def low_latency_worker(rank, world_size, group_name, cases):
             expert_out, topk, weights, num_max, num_experts, use_logfmt
         )
         combined = _run_twice(
-            lambda: ops.low_latency_combine(
-                out[0], topk[rank], weights[rank], out[5], num_max, use_logfmt, group_name
-            )
+            ops.low_latency_combine,
+            out[0],
+            topk[rank],
+            weights[rank],
+            out[5],
+            num_max,
+            use_logfmt,
+            group_name,
         )
         partials = ops.low_latency_combine_send(
             out[0], topk[rank], weights[rank], out[5], num_max, use_logfmt, group_name
