@@ -14,4 +14,9 @@ from ._side_effects import mark_communication_ops  # noqa: E402
 
 mark_communication_ops()
 
-__all__ = ["meta"]
+from . import functional  # noqa: E402
+from .buffer import Buffer  # noqa: E402
+from .config import Config  # noqa: E402
+from .event import EventOverlap  # noqa: E402
+
+__all__ = ["Buffer", "Config", "EventOverlap", "functional", "meta"]
