@@ -41,7 +41,13 @@ def apply_experts(recv_x, recv_topk_idx, recv_topk_weights, w_local):
 
 
 def moe(
-    x, topk_idx, topk_weights, w_local, num_experts: int, num_ranks: int, group_name: str,
+    x,
+    topk_idx,
+    topk_weights,
+    w_local,
+    num_experts: int,
+    num_ranks: int,
+    group_name: str,
     num_worst_tokens: int = 0,
 ):
     """Distributed MoE: layout -> dispatch -> local experts -> combine. Returns ``y [T, H]``."""

@@ -22,14 +22,19 @@ NUM_EXPERTS = 6  # a multiple of 1, 2 and 3
 BF16_TOL = {"rtol": 2e-2, "atol": 2e-2}
 
 # Token counts per rank (Case.tokens_of): 7 -> 7, 8, 9; 5 -> 5, 2, 0 (a rank without tokens).
-# The cases whose ranks may receive no rows use H = 15, K = 2: with those, every field of the
-# collective backend's wire rows is aligned to its element size, which the kernels need when no
-# rows arrive (see test_zero_rows_with_unaligned_wire_rows).
+# The cases whose ranks may receive no rows are float32 with H = 16, K = 3: with those, every
+# field of the collective backend's wire rows is aligned to its element size, which the kernels
+# need when no rows arrive (see test_zero_rows_with_unaligned_wire_rows).
 CASES = [
     Case(num_tokens=7, hidden=16, num_topk=3, num_experts=NUM_EXPERTS, dtype=torch.float64, seed=2),
-    Case(num_tokens=5, hidden=15, num_topk=2, num_experts=NUM_EXPERTS, dtype=torch.float32, seed=1),
+    Case(num_tokens=5, hidden=16, num_topk=3, num_experts=NUM_EXPERTS, dtype=torch.float32, seed=1),
     Case(
-        num_tokens=7, hidden=15, num_topk=2, num_experts=NUM_EXPERTS, dtype=torch.float32, seed=3,
+        num_tokens=7,
+        hidden=16,
+        num_topk=3,
+        num_experts=NUM_EXPERTS,
+        dtype=torch.float32,
+        seed=3,
         routing="skewed",
     ),
 ]
@@ -72,7 +77,9 @@ def close(actual, expected, what, **tol):
 # ----- normal dispatch / cached dispatch / combine ---------------------------------------------
 
 
-def full_moe(x, z, topk_idx, topk_weights, w_local, b0, b1, num_experts, num_ranks, group_name, num_worst_tokens):
+def full_moe(
+    x, z, topk_idx, topk_weights, w_local, b0, b1, num_experts, num_ranks, group_name, num_worst_tokens
+):
     """MoE on x + z where z travels by cached_dispatch along x's handle; combine also reduces
     the squared received weights and adds two biases. Returns (y, combined_weights)."""
     _, _, in_rank = ops.get_dispatch_layout(topk_idx, num_experts, num_ranks)

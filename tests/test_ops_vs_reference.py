@@ -48,12 +48,17 @@ def _run_twice(op, *args):
     return first
 
 
-def normal_worker(rank, world_size, group_name, cases):
+def _on(device, inputs):
+    """This rank's inputs moved to ``device`` (the reference keeps running on CPU copies)."""
+    return {k: None if v is None else v.to(device) for k, v in inputs.items()}
+
+
+def normal_worker(rank, world_size, group_name, cases, device="cpu"):
     for case in cases:
         if case.num_experts % world_size:
             continue
         inputs = all_inputs(case, world_size)
-        me = inputs[rank]
+        me = _on(device, inputs[rank])
         what = f"rank {rank} of {world_size}, {case}"
 
         if case.with_topk:
@@ -99,6 +104,7 @@ def normal_worker(rank, world_size, group_name, cases):
             continue
         weights = None if me["topk_weights"] is None else [expected[r][3] for r in range(world_size)]
         bias = [torch.full_like(inputs[r]["x"], 0.5) for r in range(world_size)]
+        my_bias = bias[rank].to(device)
         for bias_0, bias_1 in ((None, None), (bias, None), (bias, bias)):
             expected_combined = reference_combine(
                 [expected[r][0] for r in range(world_size)], weights, bias_0, bias_1, handles
@@ -107,8 +113,8 @@ def normal_worker(rank, world_size, group_name, cases):
                 ops.combine,
                 out[0],
                 None if weights is None else out[3],
-                None if bias_0 is None else bias_0[rank],
-                None if bias_1 is None else bias_1[rank],
+                None if bias_0 is None else my_bias,
+                None if bias_1 is None else my_bias,
                 me["is_token_in_rank"],
                 out[5],
                 out[6],
@@ -117,20 +123,21 @@ def normal_worker(rank, world_size, group_name, cases):
             assert_same(combined, expected_combined[rank], f"combine {what}")
 
 
-def low_latency_worker(rank, world_size, group_name, cases):
+def low_latency_worker(rank, world_size, group_name, cases, device="cpu"):
     for case, use_fp8, round_scale, use_ue8m0, use_logfmt in cases:
         num_experts = case.num_experts
         inputs = all_inputs(case, world_size)
         num_max = max(case.tokens_of(r) for r in range(world_size)) + 2
         xs, topk = _column(inputs, "x"), _column(inputs, "topk_idx")
+        my_x, my_topk = xs[rank].to(device), topk[rank].to(device)
         what = f"rank {rank} of {world_size}, {case}, fp8={use_fp8} round={round_scale} ue8m0={use_ue8m0}"
         expected = reference_low_latency_dispatch(
             xs, topk, num_max, num_experts, use_fp8, round_scale, use_ue8m0
         )
         out = _run_twice(
             ops.low_latency_dispatch,
-            xs[rank],
-            topk[rank],
+            my_x,
+            my_topk,
             num_max,
             num_experts,
             use_fp8,
@@ -140,7 +147,7 @@ def low_latency_worker(rank, world_size, group_name, cases):
         )
         assert_same(out, expected[rank], f"low_latency_dispatch {what}")
         packed = ops.low_latency_dispatch_send(
-            xs[rank], topk[rank], num_max, num_experts, use_fp8, round_scale, use_ue8m0, group_name
+            my_x, my_topk, num_max, num_experts, use_fp8, round_scale, use_ue8m0, group_name
         )
         halves = ops.low_latency_dispatch_recv(
             packed, num_max, case.hidden, case.num_topk, num_experts, use_fp8, use_ue8m0, group_name
@@ -151,6 +158,7 @@ def low_latency_worker(rank, world_size, group_name, cases):
 
         gen = torch.Generator().manual_seed(7)
         weights = [torch.rand(t.shape, generator=gen) for t in topk]
+        my_weights = weights[rank].to(device)
         expert_out = [expected[r][0] for r in range(world_size)]
         expected_combined = reference_low_latency_combine(
             expert_out, topk, weights, num_max, num_experts, use_logfmt
@@ -158,22 +166,22 @@ def low_latency_worker(rank, world_size, group_name, cases):
         combined = _run_twice(
             ops.low_latency_combine,
             out[0],
-            topk[rank],
-            weights[rank],
+            my_topk,
+            my_weights,
             out[5],
             num_max,
             use_logfmt,
             group_name,
         )
         partials = ops.low_latency_combine_send(
-            out[0], topk[rank], weights[rank], out[5], num_max, use_logfmt, group_name
+            out[0], my_topk, my_weights, out[5], num_max, use_logfmt, group_name
         )
         halves = ops.low_latency_combine_recv(
-            partials, topk[rank], case.hidden, num_experts, num_max, use_logfmt, group_name
+            partials, my_topk, case.hidden, num_experts, num_max, use_logfmt, group_name
         )
         assert_same(halves, combined, f"low_latency_combine send+recv {what}")
         if use_logfmt:  # libm's log2/exp2 bits are not part of the contract
-            torch.testing.assert_close(combined, expected_combined[rank], rtol=2e-2, atol=1e-2)
+            torch.testing.assert_close(combined.cpu(), expected_combined[rank], rtol=2e-2, atol=1e-2)
             continue
         assert_same(combined, expected_combined[rank], f"low_latency_combine {what}")
 
@@ -182,10 +190,10 @@ def low_latency_worker(rank, world_size, group_name, cases):
             grads, expert_out, topk, weights, num_max, num_experts
         )
         grad_x, grad_w = ops.low_latency_combine_backward(
-            grads[rank], out[0], topk[rank], weights[rank], out[5], num_max, group_name
+            grads[rank].to(device), out[0], my_topk, my_weights, out[5], num_max, group_name
         )
         assert_same(grad_x, expected_grads[rank][0], f"low_latency_combine_backward grad_x {what}")
-        torch.testing.assert_close(grad_w, expected_grads[rank][1])
+        torch.testing.assert_close(grad_w.cpu(), expected_grads[rank][1])
 
 
 LOW_LATENCY_CASES = [
