@@ -26,8 +26,10 @@ def build_cuda() -> bool:
 
 
 def extension():
-    cpp_sources = sources("csrc/*.cpp") + sources("csrc/collective/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17"]
+    # csrc/collective/ builds as one unit (see unity_build.cpp); its files are not listed one by one.
+    cpp_sources = sources("csrc/*.cpp") + ["csrc/collective/unity_build.cpp"]
+    # No -std flag: cpp_extension picks the standard the installed torch's headers need.
+    cxx_flags = ["-O3"]
     if build_cuda():
         cuda_sources = sources("csrc/cuda/**/*.cu") + sources("csrc/cuda/**/*.cpp")
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -35,7 +37,7 @@ def extension():
         return cpp_extension.CUDAExtension(
             "ep_ops._C",
             cpp_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DEP_OPS_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags + ["-DEP_OPS_WITH_CUDA"], "nvcc": ["-O3"]},
         )
     print("ep_ops: building CPU-only extension (no CUDA torch or no CUDA toolkit)")
     return cpp_extension.CppExtension("ep_ops._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})

@@ -14,6 +14,7 @@ tensors), then calls one op; the ops check everything else. Differences from Dee
   library; the bytes given here back only ``get_local_buffer_tensor``.
 """
 
+import contextlib
 import time
 
 import torch
@@ -413,18 +414,26 @@ class Buffer:
             is_token_in_rank [num_tokens, R] bool)``, event. With a handle: recv_x, None, None,
             None, the same handle, event. Rows come ordered by source rank, then source token.
         """
-        self._check_alive()
         method = "Buffer.dispatch"
-        x, x_scales = _unpack_x(x, method)
-        self._check_device(x, "x", method)
-        self._check_nvl_bytes(self._config(config, Buffer.get_dispatch_config, method), x, method)
+        with self._checks_of("dispatch" if handle is None else "cached_dispatch"):
+            self._check_alive()
+            x, x_scales = _unpack_x(x, method)
+            self._check_device(x, "x", method)
+            self._check_nvl_bytes(self._config(config, Buffer.get_dispatch_config, method), x, method)
+            if handle is not None:
+                if topk_idx is not None or topk_weights is not None:
+                    raise ValueError(
+                        f"{method}: topk_idx and topk_weights must be None when a handle is given"
+                    )
+                rank_prefix_matrix, recv_src_idx, is_token_in_rank = handle = _unpack_handle(handle, method)
+            else:
+                num_experts = self._check_dispatch_layout(
+                    method, topk_idx, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert
+                )
+            self._wait(previous_event)
         ops = torch.ops.ep_ops
 
         if handle is not None:
-            if topk_idx is not None or topk_weights is not None:
-                raise ValueError(f"{method}: topk_idx and topk_weights must be None when a handle is given")
-            rank_prefix_matrix, recv_src_idx, is_token_in_rank = handle = _unpack_handle(handle, method)
-            self._wait(previous_event)
             recv_x, recv_x_scales = ops.cached_dispatch(
                 x, x_scales, is_token_in_rank, rank_prefix_matrix, recv_src_idx, self.group_name
             )
@@ -438,23 +447,6 @@ class Buffer:
                 self._event(async_finish, (x, x_scales, recv_x, recv_x_scales)),
             )
 
-        if is_token_in_rank is None:
-            raise ValueError(
-                f"{method}: is_token_in_rank is required without a handle; "
-                "get it from Buffer.get_dispatch_layout(topk_idx, num_experts)"
-            )
-        if num_tokens_per_rank is not None:
-            _check_tensor(num_tokens_per_rank, "num_tokens_per_rank", method, torch.int32, (self.group_size,))
-        num_experts = self.group_size  # unused without top-k; any multiple of the group size
-        if num_tokens_per_expert is not None:
-            _check_tensor(num_tokens_per_expert, "num_tokens_per_expert", method, torch.int32, (None,))
-            num_experts = num_tokens_per_expert.size(0)
-        elif topk_idx is not None:
-            raise ValueError(
-                f"{method}: num_tokens_per_expert is required with topk_idx (its length is num_experts); "
-                "get it from Buffer.get_dispatch_layout(topk_idx, num_experts)"
-            )
-        self._wait(previous_event)
         outputs = ops.dispatch(
             x, x_scales, topk_idx, topk_weights, is_token_in_rank,
             num_experts, expert_alignment, num_worst_tokens, self.group_name,
@@ -499,14 +491,15 @@ class Buffer:
             combined_x ``[num_tokens, hidden]`` (x's dtype), combined_topk_weights
             ``[num_tokens, num_topk]`` float32 or None, event.
         """
-        self._check_alive()
         method = "Buffer.combine"
-        _check_tensor(x, "x", method, shape=(None, None))
-        self._check_device(x, "x", method)
-        rank_prefix_matrix, recv_src_idx, is_token_in_rank = _unpack_handle(handle, method)
-        bias_0, bias_1 = _unpack_bias(bias, method)
-        self._check_nvl_bytes(self._config(config, Buffer.get_combine_config, method), x, method)
-        self._wait(previous_event)
+        with self._checks_of("combine"):
+            self._check_alive()
+            _check_tensor(x, "x", method, shape=(None, None))
+            self._check_device(x, "x", method)
+            rank_prefix_matrix, recv_src_idx, is_token_in_rank = _unpack_handle(handle, method)
+            bias_0, bias_1 = _unpack_bias(bias, method)
+            self._check_nvl_bytes(self._config(config, Buffer.get_combine_config, method), x, method)
+            self._wait(previous_event)
         combined_x, combined_topk_weights = torch.ops.ep_ops.combine(
             x,
             topk_weights,
@@ -571,25 +564,31 @@ class Buffer:
             ``(src_info, layout_range, M, hidden, num_experts, recv_token_slots)``; event; hook
             (a no-op callable without return_recv_hook).
         """
-        self._check_alive()
         method = "Buffer.low_latency_dispatch"
-        _check_tensor(x, "x", method, shape=(None, None))
-        _check_tensor(topk_idx, "topk_idx", method, shape=(None, None))
-        self._check_device(x, "x", method)
-        hidden, num_topk = x.size(1), topk_idx.size(1)
-        num_local_experts = self._check_low_latency(
-            method, num_max_dispatch_tokens_per_rank, hidden, num_experts, num_topk
-        )
-        if async_finish and return_recv_hook:
-            raise ValueError(f"{method}: async_finish and return_recv_hook cannot both be set")
-        recv_stats = cumulative_local_expert_recv_stats
-        if recv_stats is not None:
-            _check_tensor(
-                recv_stats, "cumulative_local_expert_recv_stats", method, torch.int32, (num_local_experts,)
+        # Both forms start with low_latency_dispatch_send's header exchange.
+        with self._checks_of("low_latency_dispatch_send"):
+            self._check_alive()
+            _check_tensor(x, "x", method, shape=(None, None))
+            _check_tensor(topk_idx, "topk_idx", method, shape=(None, None))
+            self._check_device(x, "x", method)
+            hidden, num_topk = x.size(1), topk_idx.size(1)
+            num_local_experts = self._check_low_latency(
+                method, num_max_dispatch_tokens_per_rank, hidden, num_experts, num_topk
             )
-            self._check_device(recv_stats, "cumulative_local_expert_recv_stats", method)
-        wait_stats = dispatch_wait_recv_cost_stats
-        self._check_wait_stats(wait_stats, "dispatch_wait_recv_cost_stats", method)
+            if async_finish and return_recv_hook:
+                raise ValueError(f"{method}: async_finish and return_recv_hook cannot both be set")
+            recv_stats = cumulative_local_expert_recv_stats
+            if recv_stats is not None:
+                _check_tensor(
+                    recv_stats,
+                    "cumulative_local_expert_recv_stats",
+                    method,
+                    torch.int32,
+                    (num_local_experts,),
+                )
+                self._check_device(recv_stats, "cumulative_local_expert_recv_stats", method)
+            wait_stats = dispatch_wait_recv_cost_stats
+            self._check_wait_stats(wait_stats, "dispatch_wait_recv_cost_stats", method)
 
         ops = torch.ops.ep_ops
         args = (x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0)
@@ -662,30 +661,34 @@ class Buffer:
         Returns:
             combined_x ``[num_tokens, hidden]`` bfloat16, event, hook.
         """
-        self._check_alive()
         method = "Buffer.low_latency_combine"
-        _, _, num_max, hidden, num_experts, recv_token_slots = _unpack_ll_handle(handle, method)
-        _check_tensor(topk_idx, "topk_idx", method, shape=(None, None))
-        num_local_experts = self._check_low_latency(method, num_max, hidden, num_experts, topk_idx.size(1))
-        expert_shape = (num_local_experts, self.group_size * num_max, hidden)
-        _check_tensor(x, "x", method, shape=expert_shape)
-        self._check_device(x, "x", method)
-        if async_finish and return_recv_hook:
-            raise ValueError(f"{method}: async_finish and return_recv_hook cannot both be set")
-        num_tokens = topk_idx.size(0)
-        if out is not None:
-            _check_tensor(out, "out", method, torch.bfloat16, (num_tokens, hidden))
-            self._check_device(out, "out", method)
-        wait_stats = combine_wait_recv_cost_stats
-        self._check_wait_stats(wait_stats, "combine_wait_recv_cost_stats", method)
-        if zero_copy:
-            x = self._combine_buffers[self._combine_index]
-            if x is None or tuple(x.shape) != expert_shape:
-                raise ValueError(
-                    f"{method}: zero_copy=True reads the expert output from the tensor that "
-                    "Buffer.get_next_low_latency_combine_buffer(handle) returns; call it and fill "
-                    "that tensor before this call"
-                )
+        # Both forms start with low_latency_combine_send's header exchange.
+        with self._checks_of("low_latency_combine_send"):
+            self._check_alive()
+            _, _, num_max, hidden, num_experts, recv_token_slots = _unpack_ll_handle(handle, method)
+            _check_tensor(topk_idx, "topk_idx", method, shape=(None, None))
+            num_local_experts = self._check_low_latency(
+                method, num_max, hidden, num_experts, topk_idx.size(1)
+            )
+            expert_shape = (num_local_experts, self.group_size * num_max, hidden)
+            _check_tensor(x, "x", method, shape=expert_shape)
+            self._check_device(x, "x", method)
+            if async_finish and return_recv_hook:
+                raise ValueError(f"{method}: async_finish and return_recv_hook cannot both be set")
+            num_tokens = topk_idx.size(0)
+            if out is not None:
+                _check_tensor(out, "out", method, torch.bfloat16, (num_tokens, hidden))
+                self._check_device(out, "out", method)
+            wait_stats = combine_wait_recv_cost_stats
+            self._check_wait_stats(wait_stats, "combine_wait_recv_cost_stats", method)
+            if zero_copy:
+                x = self._combine_buffers[self._combine_index]
+                if x is None or tuple(x.shape) != expert_shape:
+                    raise ValueError(
+                        f"{method}: zero_copy=True reads the expert output from the tensor that "
+                        "Buffer.get_next_low_latency_combine_buffer(handle) returns; call it and fill "
+                        "that tensor before this call"
+                    )
         self._combine_index ^= 1
 
         ops = torch.ops.ep_ops
@@ -723,6 +726,71 @@ class Buffer:
         return buffer
 
     # ---------------------------------------------------------------- helpers
+
+    @contextlib.contextmanager
+    def _checks_of(self, op: str):
+        """Runs the wrapper's own checks before the communicating op ``op``.
+
+        The ops agree on their inputs in a header exchange before moving data, so that a rank with
+        bad input makes every rank raise. A check failing here, on this rank alone, would skip
+        that exchange: the other ranks would wait in it, or pair it with this rank's next call.
+        So a failing rank still takes part in ``op``'s exchange, with an input the op rejects
+        locally (the other ranks then raise "rank r rejected its input"), and raises its own error.
+        """
+        try:
+            yield
+        except Exception:
+            self._reject(op)
+            raise
+
+    def _reject(self, op: str) -> None:
+        """Calls ``op`` with an input it rejects (a 1-D ``x``): it takes part in the header
+        exchange, flags this rank's input as bad and raises, which is swallowed here."""
+        num_ranks, device = self.group_size, self.device
+        empty = torch.empty(0, dtype=torch.bfloat16, device=device)
+        no_tokens = torch.empty((0, num_ranks), dtype=torch.bool, device=device)
+        prefix = torch.zeros((num_ranks, num_ranks), dtype=torch.int32, device=device)
+        src_idx = torch.empty(0, dtype=torch.int32, device=device)
+        ids = torch.empty((0, 1), dtype=torch.int64, device=device)
+        ops, name = torch.ops.ep_ops, self.group_name
+        calls = {
+            "dispatch": lambda: ops.dispatch(empty, None, None, None, no_tokens, num_ranks, 1, 0, name),
+            "cached_dispatch": lambda: ops.cached_dispatch(empty, None, no_tokens, prefix, src_idx, name),
+            "combine": lambda: ops.combine(empty, None, None, None, no_tokens, prefix, src_idx, name),
+            "low_latency_dispatch_send": lambda: ops.low_latency_dispatch_send(
+                empty, ids, 1, num_ranks, False, False, False, name
+            ),
+            "low_latency_combine_send": lambda: ops.low_latency_combine_send(
+                empty, ids, ids.float(), torch.empty((num_ranks, 1, 1), dtype=torch.int32, device=device),
+                1, False, name,
+            ),
+        }  # fmt: skip
+        try:
+            calls[op]()
+        except Exception:  # noqa: BLE001  (the point of the call: every rank raises)
+            return
+        raise AssertionError(f"Buffer._reject: ep_ops.{op} accepted an input it must reject")
+
+    def _check_dispatch_layout(
+        self, method, topk_idx, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert
+    ) -> int:
+        """Checks dispatch's layout arguments (without a handle); returns num_experts."""
+        if is_token_in_rank is None:
+            raise ValueError(
+                f"{method}: is_token_in_rank is required without a handle; "
+                "get it from Buffer.get_dispatch_layout(topk_idx, num_experts)"
+            )
+        if num_tokens_per_rank is not None:
+            _check_tensor(num_tokens_per_rank, "num_tokens_per_rank", method, torch.int32, (self.group_size,))
+        if num_tokens_per_expert is not None:
+            _check_tensor(num_tokens_per_expert, "num_tokens_per_expert", method, torch.int32, (None,))
+            return num_tokens_per_expert.size(0)
+        if topk_idx is not None:
+            raise ValueError(
+                f"{method}: num_tokens_per_expert is required with topk_idx (its length is num_experts); "
+                "get it from Buffer.get_dispatch_layout(topk_idx, num_experts)"
+            )
+        return self.group_size  # unused without top-k; any multiple of the group size
 
     def _check_alive(self) -> None:
         if self._destroyed:

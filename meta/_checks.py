@@ -10,7 +10,13 @@ def world_size(group_name: str) -> int:
     """Number of ranks of the process group registered under ``group_name``."""
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    return _resolve_process_group(group_name).size()
+    try:
+        return _resolve_process_group(group_name).size()
+    except RuntimeError as error:
+        raise ValueError(
+            f"ep_ops: group_name '{group_name}' names no registered process group (pass "
+            "group.group_name of a group created with torch.distributed)"
+        ) from error
 
 
 def check(cond, op: str, message: str) -> None:

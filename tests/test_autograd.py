@@ -208,24 +208,37 @@ def test_gradients_match_dense_reference(world_size):
     assert len(results[0]) == 4 * len(CASES) + len(CASES) + 2
 
 
-def zero_rows_worker(rank, world_size, group_name):
-    """float64 x, K = 2, routed nowhere: the rank receives no rows. The wire row of dispatch is
-    16 * 8 + 4 + 2 * 8 + 2 * 4 = 156 bytes, not a multiple of 8."""
-    topk_idx = torch.full((2, 2), -1, dtype=torch.int64)
+# ----- regression: a rank that receives no rows (0-row outputs must be fresh, aligned tensors) ---
+
+
+def zero_rows_inputs(dtype, num_topk, world_size):
+    """Two tokens routed nowhere: the rank receives no rows (and gets none back in combine)."""
+    topk_idx = torch.full((2, num_topk), -1, dtype=torch.int64)
     _, _, in_rank = ops.get_dispatch_layout(topk_idx, 2, world_size)
-    x = torch.zeros(2, 16, dtype=torch.float64)
-    out = ops.dispatch(x, None, topk_idx, torch.zeros(2, 2), in_rank, 2, 1, 0, group_name)
-    ops.combine(out[0], out[3], None, None, in_rank, out[5], out[6], group_name)
+    x = torch.zeros(2, 16, dtype=dtype)
+    return (x, None, topk_idx, torch.zeros(2, num_topk), in_rank, 2, 1, 0)
+
+
+def unaligned_zero_rows_worker(rank, world_size, group_name):
+    """float64 x, K = 2: the dispatch wire row is 16 * 8 + 2 * 8 + 2 * 4 + 4 = 156 bytes, not a
+    multiple of 8, so a view of the 0-row slice as float64 / int64 would fail."""
+    args = zero_rows_inputs(torch.float64, 2, world_size)
+    out = ops.dispatch(*args, group_name)
+    ops.combine(out[0], out[3], None, None, args[4], out[5], out[6], group_name)
     return tuple(out[0].shape)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="csrc bug: field_from_bytes (csrc/collective/process_group.cpp) views a 0-row slice "
-    "of the received byte rows as the field dtype; .contiguous() keeps the byte strides of a "
-    "0-element tensor, so .view() fails when the row size or field offset is not a multiple of "
-    "the element size",
-)
+def aliasing_zero_rows_worker(rank, world_size, group_name):
+    """float32 x, K = 3 (aligned): 0-row outputs that were views of one receive buffer would
+    alias (opcheck: "Outputs 0 and 6 alias unexpectedly")."""
+    args = zero_rows_inputs(torch.float32, 3, world_size)
+    torch.library.opcheck(ops.dispatch.default, (*args, group_name), test_utils=("test_schema",))
+    return True
+
+
 def test_zero_rows_with_unaligned_wire_rows():
-    assert parallel_launch(1, zero_rows_worker, timeout=60) == [(0, 16)]
+    assert parallel_launch(1, unaligned_zero_rows_worker, timeout=60) == [(0, 16)]
+
+
+def test_zero_rows_outputs_do_not_alias():
+    assert parallel_launch(1, aliasing_zero_rows_worker, timeout=60) == [True]

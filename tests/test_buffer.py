@@ -7,7 +7,9 @@ of dispatch. On top of that, every output is compared bitwise with the pure-PyTo
 reference (``ep_ops.reference``): each rank rebuilds every rank's inputs from a seed, runs the
 reference locally and compares its own outputs.
 
-Spawning ranks is slow, so each test function is one launch that loops over its cases.
+Spawning ranks is slow, so each test function is one launch that loops over its cases: one
+launch of 1 rank (the quick round trip, buffer sizes, lifecycle) and one each of 2 and 3 ranks
+(normal mode, then low-latency mode).
 """
 
 import pytest
@@ -345,12 +347,6 @@ def normal_worker(rank, num_ranks, group_name):
     return checked
 
 
-@pytest.mark.parametrize("num_ranks", [2, 3])
-def test_normal_dispatch_combine(num_ranks):
-    results = parallel_launch(num_ranks, normal_worker, timeout=TIMEOUT)
-    assert results == [3 * len(X_KINDS) * 2] * num_ranks
-
-
 # ---------------------------------------------------------------------------------------------
 # low-latency mode
 # ---------------------------------------------------------------------------------------------
@@ -540,10 +536,17 @@ def ll_worker(rank, num_ranks, group_name):
     return checked
 
 
+def multi_rank_worker(rank, num_ranks, group_name):
+    return normal_worker(rank, num_ranks, group_name), ll_worker(rank, num_ranks, group_name)
+
+
 @pytest.mark.parametrize("num_ranks", [2, 3])
-def test_low_latency(num_ranks):
-    results = parallel_launch(num_ranks, ll_worker, timeout=TIMEOUT)
-    assert results == [2 * len(FP8_MODES) * 8] * num_ranks
+def test_dispatch_combine_and_low_latency(num_ranks):
+    """Normal mode (normal_worker), then low-latency mode (ll_worker), in one launch."""
+    results = parallel_launch(num_ranks, multi_rank_worker, timeout=TIMEOUT)
+    num_normal = len(("random", "small", "skewed")) * len(X_KINDS) * 2  # cases x kinds x with/without top-k
+    num_low_latency = 2 * len(FP8_MODES) * 8  # hook x FP8 modes x combine variants
+    assert results == [(num_normal, num_low_latency)] * num_ranks
 
 
 # ---------------------------------------------------------------------------------------------

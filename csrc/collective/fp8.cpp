@@ -21,7 +21,9 @@ std::pair<at::Tensor, at::Tensor> cast_to_fp8(const at::Tensor& x, bool round_sc
   const int64_t tokens = x.size(0), groups = x.size(1) / wire::kFp8Block;
   auto xf = x.to(at::kFloat).view({tokens, groups, wire::kFp8Block});
   auto amax = xf.abs().amax(-1).clamp_min(kMinAmax);
-  auto scale_inv = amax / kFp8Max;
+  // A tensor divisor keeps this an exact IEEE division on every device (CUDA turns division by
+  // a scalar into multiplication by its reciprocal, one ulp away).
+  auto scale_inv = amax / at::full_like(amax, kFp8Max);
   if (round_scale) scale_inv = round_up_to_power_of_2(scale_inv);
   auto q = (xf * at::reciprocal(scale_inv).unsqueeze(-1)).to(at::kFloat8_e4m3fn);
   return {q.view({tokens, groups * wire::kFp8Block}), scale_inv};

@@ -70,12 +70,10 @@ void exchange_combine_header(const Group& group, const char* op, const Tensor& x
                    {});
 }
 
-}  // namespace
-
-Tensor low_latency_combine_send(const Tensor& x, const Tensor& topk_idx,
-                                const Tensor& topk_weights, const Tensor& recv_token_slots,
-                                int64_t num_max, bool use_logfmt, const std::string& group_name) {
-  const char* op = "low_latency_combine_send";
+// `op` names the op the user called (the whole op or its send half) in errors.
+Tensor send_partials(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights,
+                     const Tensor& recv_token_slots, int64_t num_max, bool use_logfmt,
+                     const std::string& group_name, const char* op) {
   auto group = resolve_group(group_name);
   const int64_t num_ranks = group->getSize();
   auto checked = run_checks([&] {
@@ -90,6 +88,15 @@ Tensor low_latency_combine_send(const Tensor& x, const Tensor& topk_idx,
   auto partials = expert_partials(x, weights, recv_token_slots);
   auto rows = encode_partials(partials, use_logfmt);
   return all_to_all_equal(group, rows.view({num_ranks, num_max, rows.size(1)}));
+}
+
+}  // namespace
+
+Tensor low_latency_combine_send(const Tensor& x, const Tensor& topk_idx,
+                                const Tensor& topk_weights, const Tensor& recv_token_slots,
+                                int64_t num_max, bool use_logfmt, const std::string& group_name) {
+  return send_partials(x, topk_idx, topk_weights, recv_token_slots, num_max, use_logfmt,
+                       group_name, "low_latency_combine_send");
 }
 
 Tensor low_latency_combine_recv(const Tensor& recv_partials, const Tensor& topk_idx,
@@ -123,8 +130,8 @@ Tensor low_latency_combine_recv(const Tensor& recv_partials, const Tensor& topk_
 Tensor low_latency_combine(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights,
                            const Tensor& recv_token_slots, int64_t num_max, bool use_logfmt,
                            const std::string& group_name) {
-  auto partials = low_latency_combine_send(x, topk_idx, topk_weights, recv_token_slots, num_max,
-                                           use_logfmt, group_name);
+  auto partials = send_partials(x, topk_idx, topk_weights, recv_token_slots, num_max, use_logfmt,
+                                group_name, "low_latency_combine");
   const int64_t num_experts = x.size(0) * partials.size(0);
   return low_latency_combine_recv(partials, topk_idx, x.size(2), num_experts, num_max, use_logfmt,
                                   group_name);

@@ -33,12 +33,10 @@ Tensor token_rows(const Tensor& x, const Tensor& topk_idx, const wire::DispatchR
   return at::cat(fields, 1);
 }
 
-}  // namespace
-
-Tensor low_latency_dispatch_send(const Tensor& x, const Tensor& topk_idx, int64_t num_max,
-                                 int64_t num_experts, bool use_fp8, bool round_scale,
-                                 bool use_ue8m0, const std::string& group_name) {
-  const char* op = "low_latency_dispatch_send";
+// `op` names the op the user called (the whole op or its send half) in errors.
+Tensor send_tokens(const Tensor& x, const Tensor& topk_idx, int64_t num_max, int64_t num_experts,
+                   bool use_fp8, bool round_scale, bool use_ue8m0, const std::string& group_name,
+                   const char* op) {
   auto group = resolve_group(group_name);
   const int64_t num_ranks = group->getSize();
   auto checked = run_checks([&] {
@@ -67,6 +65,15 @@ Tensor low_latency_dispatch_send(const Tensor& x, const Tensor& topk_idx, int64_
     send[r].narrow(0, 0, tokens[r].size(0)).copy_(rows.index_select(0, tokens[r]));
   }
   return all_to_all_equal(group, send);
+}
+
+}  // namespace
+
+Tensor low_latency_dispatch_send(const Tensor& x, const Tensor& topk_idx, int64_t num_max,
+                                 int64_t num_experts, bool use_fp8, bool round_scale,
+                                 bool use_ue8m0, const std::string& group_name) {
+  return send_tokens(x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
+                     group_name, "low_latency_dispatch_send");
 }
 
 LowLatencyRecv low_latency_dispatch_recv(const Tensor& recv_packed, int64_t num_max,
@@ -150,8 +157,8 @@ LowLatencyRecv low_latency_dispatch_recv(const Tensor& recv_packed, int64_t num_
 LowLatencyRecv low_latency_dispatch(const Tensor& x, const Tensor& topk_idx, int64_t num_max,
                                     int64_t num_experts, bool use_fp8, bool round_scale,
                                     bool use_ue8m0, const std::string& group_name) {
-  auto packed = low_latency_dispatch_send(x, topk_idx, num_max, num_experts, use_fp8, round_scale,
-                                          use_ue8m0, group_name);
+  auto packed = send_tokens(x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
+                            group_name, "low_latency_dispatch");
   return low_latency_dispatch_recv(packed, num_max, x.size(1), topk_idx.size(1), num_experts,
                                    use_fp8, use_ue8m0, group_name);
 }

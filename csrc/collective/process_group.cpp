@@ -122,7 +122,9 @@ at::Tensor byte_rows(const at::Tensor& t) {
 at::Tensor field_from_bytes(const at::Tensor& rows, int64_t offset, int64_t count,
                             at::ScalarType dtype) {
   const int64_t elem = c10::elementSize(dtype);
-  return rows.narrow(1, offset, count * elem).contiguous().view(dtype);
+  // Always a fresh copy: with 0 or 1 rows the narrowed slice is already "contiguous", and a view
+  // of it would alias the receive buffer (and other fields) and keep a misaligned offset.
+  return rows.narrow(1, offset, count * elem).clone(at::MemoryFormat::Contiguous).view(dtype);
 }
 
 }  // namespace ep_ops::collective
