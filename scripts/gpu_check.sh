@@ -8,5 +8,5 @@ mkdir -p "$out"
 nvidia-smi topo -m > "$out/topology.txt" 2>&1
 python3 -c 'import torch; print(torch.__version__, torch.cuda.device_count(), torch.cuda.get_device_name(0))' | tee "$out/env.txt"
 MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
-python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log" | tail -5
+python3 -m pytest -q -m gpu tests/gpu 2>&1 | tee "$out/gpu-tests.log" | tail -5
 python3 -m ep_ops.bench "$@" 2>&1 | tee "$out/bench.log" | tail -40

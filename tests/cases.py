@@ -90,6 +90,7 @@ def assert_same(actual, expected, what: str) -> None:
         e_strides = [expected.stride(d) for d in significant]
         assert a_strides == e_strides, f"{what}: stride {actual.stride()} != {expected.stride()}"
     # reshape(-1) gives stride 1 even where a size-1 last dim had another stride.
-    a = actual.cpu().contiguous().reshape(-1).view(torch.uint8) if actual.numel() else actual
-    e = expected.cpu().contiguous().reshape(-1).view(torch.uint8) if expected.numel() else expected
+    a, e = actual.cpu(), expected.cpu()
+    if a.numel():
+        a, e = (t.contiguous().reshape(-1).view(torch.uint8) for t in (a, e))
     assert torch.equal(a, e), f"{what}: values differ"
