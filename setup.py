@@ -32,7 +32,7 @@ def extension():
     cxx_flags = ["-O3"]
     if build_cuda():
         cuda_sources = sources("csrc/cuda/**/*.cu") + sources("csrc/cuda/**/*.cpp")
-        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
+        arch = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         print(f"ep_ops: building CPU+CUDA extension (arch list {arch}), {len(cuda_sources)} CUDA sources")
         return cpp_extension.CUDAExtension(
             "ep_ops._C",

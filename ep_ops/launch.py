@@ -42,7 +42,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_rank(rank, world_size, port, backend, device, timeout, worker, args, conn):
+def _run_rank(rank, world_size, port, backend, device, pg_timeout, worker, args, conn):
     """Body of one spawned process: join the group, run the worker, send back the outcome."""
     try:
         options = {}
@@ -56,7 +56,7 @@ def _run_rank(rank, world_size, port, backend, device, timeout, worker, args, co
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(seconds=timeout),
+            timeout=timedelta(seconds=pg_timeout),
             **options,
         )
         result = worker(rank, world_size, dist.group.WORLD.group_name, *args)
@@ -92,6 +92,7 @@ def parallel_launch(
     timeout: float = 300.0,
     backend: str = "gloo",
     device: str = "cpu",
+    pg_timeout: float | None = None,
 ) -> list:
     """Runs ``worker(rank, world_size, group_name, *args)`` on ``world_size`` spawned processes.
 
@@ -100,9 +101,13 @@ def parallel_launch(
         worker: a module-level (picklable) function; ``group_name`` is the name of the default
             process group, the string every ``torch.ops.ep_ops`` communication op takes.
         args: extra picklable arguments, passed to every rank.
-        timeout: seconds for the whole launch, and the process group's collective timeout.
+        timeout: seconds for the whole launch, and the process group's collective timeout
+            unless ``pg_timeout`` is given.
         backend: ``"gloo"`` or ``"nccl"``.
         device: ``"cpu"`` (one intra-op thread per rank) or ``"cuda"`` (rank r uses GPU r).
+        pg_timeout: seconds a collective may wait for its peers before the process group raises
+            (``init_process_group(timeout=...)``); default ``timeout``. A short one lets a test
+            see a late or dead peer end in an error on the survivors, inside a longer launch.
     Returns:
         The workers' return values (picklable), as a list ordered by rank.
     Raises:
@@ -113,6 +118,10 @@ def parallel_launch(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if pg_timeout is None:
+        pg_timeout = timeout
+    if not pg_timeout > 0:
+        raise ValueError(f"pg_timeout must be positive (seconds), got {pg_timeout}")
     if device == "cuda" and torch.cuda.device_count() < world_size:
         raise RuntimeError(
             f"device='cuda' with world_size {world_size} needs {world_size} GPUs, "
@@ -130,7 +139,7 @@ def parallel_launch(
             recv_end, send_end = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_run_rank,
-                args=(rank, world_size, port, backend, device, timeout, worker, args, send_end),
+                args=(rank, world_size, port, backend, device, pg_timeout, worker, args, send_end),
                 name=f"ep_ops-rank{rank}",
             )
             proc.start()

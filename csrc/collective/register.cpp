@@ -1,5 +1,6 @@
-// The collective backend serves CPU tensors (gloo) and, until the NVLink kernels take over,
-// CUDA tensors (NCCL): the same device-generic code is registered for both keys.
+// The collective backend serves CPU tensors (gloo) and CUDA tensors (NCCL); the code is
+// device-generic. In a CUDA build the ops that have their own GPU kernels (csrc/cuda/) are left
+// out of the CUDA registration here, since one key takes one kernel.
 #include <torch/library.h>
 
 #include "ops.h"
@@ -7,8 +8,7 @@
 namespace ep_ops::collective {
 namespace {
 
-void register_kernels(torch::Library& m) {
-  m.impl("get_dispatch_layout", &get_dispatch_layout);
+void register_communication_kernels(torch::Library& m) {
   m.impl("dispatch", &dispatch);
   m.impl("cached_dispatch", &cached_dispatch);
   m.impl("combine", &combine);
@@ -23,7 +23,16 @@ void register_kernels(torch::Library& m) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ep_ops, CPU, m) { register_kernels(m); }
-TORCH_LIBRARY_IMPL(ep_ops, CUDA, m) { register_kernels(m); }
+TORCH_LIBRARY_IMPL(ep_ops, CPU, m) {
+  m.impl("get_dispatch_layout", &get_dispatch_layout);
+  register_communication_kernels(m);
+}
+
+TORCH_LIBRARY_IMPL(ep_ops, CUDA, m) {
+#ifndef EP_OPS_WITH_CUDA  // a CUDA build has csrc/cuda/layout.cu
+  m.impl("get_dispatch_layout", &get_dispatch_layout);
+#endif
+  register_communication_kernels(m);
+}
 
 }  // namespace ep_ops::collective
