@@ -14,9 +14,26 @@ from ._side_effects import mark_communication_ops  # noqa: E402
 
 mark_communication_ops()
 
-from . import functional  # noqa: E402
+# fused_a2a, token_dispatcher, moe_layer: the MoE integration (Megatron/NeMo drop-ins, example
+# layer), Python over the ops; gather_scatter registers the ep_ops_py all-gather/reduce-scatter.
+from . import functional, fused_a2a, gather_scatter, permute, token_dispatcher  # noqa: E402
 from .buffer import Buffer  # noqa: E402
 from .config import Config  # noqa: E402
 from .event import EventOverlap  # noqa: E402
+from .moe_layer import MoELayer  # noqa: E402
+from .token_dispatcher import MoEConfig, MoEFlexTokenDispatcher  # noqa: E402
 
-__all__ = ["Buffer", "Config", "EventOverlap", "functional", "meta"]
+__all__ = [
+    "Buffer",
+    "Config",
+    "EventOverlap",
+    "MoEConfig",
+    "MoEFlexTokenDispatcher",
+    "MoELayer",
+    "functional",
+    "fused_a2a",
+    "gather_scatter",
+    "meta",
+    "permute",
+    "token_dispatcher",
+]

@@ -19,6 +19,8 @@ COMMUNICATION_OPS = (
     "low_latency_combine_send",
     "low_latency_combine_recv",
     "low_latency_combine_backward",
+    "init_nvl_buffer",
+    "release_nvl_buffer",
 )
 
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from ep_ops import reference
 from ep_ops.launch import parallel_launch
+from ep_ops.nvl import init_nvl_buffer, nvl_bytes_needed, nvl_usable
 
 FP8_BLOCK = reference.FP8_BLOCK
 
@@ -50,6 +51,7 @@ class Config:
     iters: int
     warmup: int
     fp8: bool
+    nvl: bool
     backend: str
     device: str
     seed: int
@@ -396,6 +398,12 @@ def time_all(rank: int, inp: dict, run: Ops, cfg: Config, device: torch.device) 
 def worker(rank: int, world_size: int, group_name: str, cfg: Config):
     """One rank: inputs, one checked run, timings. Rank 0 returns (checks, rows)."""
     device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
+    nvl_buffer = None  # kept alive for the whole run: the NVLink kernels use it
+    if cfg.device == "cuda" and cfg.nvl and nvl_usable(dist.group.WORLD):
+        # Room for every token of every rank arriving here (the worst case of any routing).
+        nvl_buffer = init_nvl_buffer(
+            dist.group.WORLD, nvl_bytes_needed(cfg.tokens * world_size, 2 * cfg.hidden, cfg.topk)
+        )
     inp = make_inputs(rank, cfg, device)
     run = run_once(inp, cfg, group_name)
 
@@ -409,6 +417,7 @@ def worker(rank: int, world_size: int, group_name: str, cfg: Config):
             print(f"check {name:<28} {'PASS' if ok else 'FAIL'}", flush=True)
 
     rows = time_all(rank, inp, run, cfg, device)
+    del nvl_buffer
     return (checks, rows) if rank == 0 else None
 
 
@@ -454,6 +463,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed calls per op first (CPU 3, GPU 10)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="include FP8 variants")
+    p.add_argument(
+        "--nvl",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on GPUs of one host, register an NVLink buffer so the normal-mode ops use the NVLink kernels",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is killed")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -483,6 +498,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         iters=pick("iters", iters),
         warmup=pick("warmup", warmup),
         fp8=args.fp8,
+        nvl=args.nvl,
         backend=backend,
         device=device,
         seed=args.seed,
@@ -500,7 +516,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 def describe_machine(cfg: Config) -> str:
     if cfg.device == "cuda":
-        return f"{cfg.ranks} x {torch.cuda.get_device_name(0)}, {cfg.backend}"
+        kernels = "NVLink kernels for normal mode" if cfg.nvl else "collective backend only"
+        return f"{cfg.ranks} x {torch.cuda.get_device_name(0)}, {cfg.backend}, {kernels}"
     return f"{os.cpu_count()}-core {platform.machine()} CPU, {cfg.backend}"
 
 

@@ -25,6 +25,7 @@ from ep_ops.meta.wire import combine_row_bytes, dispatch_row_bytes, round_up
 
 from .config import NUM_MAX_TOPK, Config, check_positive_int
 from .event import EventOverlap
+from .nvl import init_nvl_buffer, nvl_usable, release_nvl_buffer
 
 DISPATCH_HANDLE_NAMES = ("rank_prefix_matrix", "recv_src_idx", "is_token_in_rank")
 DISPATCH_HANDLE = "(" + ", ".join(DISPATCH_HANDLE_NAMES) + ")"
@@ -195,6 +196,10 @@ class Buffer:
         self._combine_buffers = [None, None]  # zero-copy low-latency combine inputs, alternating
         self._combine_index = 0
         self._destroyed = False
+        # The NVLink kernels' peer memory, when this group can use them (ep_ops/nvl.py).
+        self._nvl = None
+        if num_nvl_bytes > 0 and self.device.type == "cuda" and nvl_usable(group):
+            self._nvl = init_nvl_buffer(group, num_nvl_bytes)
 
     # ---------------------------------------------------------------- class-wide settings
 
@@ -331,6 +336,9 @@ class Buffer:
         """Release the tensors this Buffer owns. Idempotent; other methods raise afterwards."""
         self._raw = {}
         self._combine_buffers = [None, None]
+        if self._nvl is not None:
+            release_nvl_buffer(self.group_name)
+            self._nvl = None
         self._destroyed = True
 
     # ---------------------------------------------------------------- normal mode
@@ -874,16 +882,19 @@ class Buffer:
         return result
 
     def _once(self, recv_op, fill, wait_stats):
-        """A receive hook: runs ``fill(recv_op())`` on its first call, nothing afterwards."""
+        """A receive hook: runs ``fill(recv_op())`` on its first successful call, nothing
+        afterwards. A call that raises (the Buffer was destroyed, the receive op failed) leaves the
+        hook pending, so the next call raises again instead of returning with the outputs unfilled.
+        (The receive ops are local: calling one again involves no peer.)"""
         done = False
 
         def hook() -> None:
             nonlocal done
             if done:
                 return
-            done = True
             self._check_alive()
             fill(self._timed(recv_op, wait_stats))
+            done = True
 
         return hook
 

@@ -86,7 +86,9 @@ def make_permute_map(
     counts = onehot[:, :num_experts].sum(dim=0)
 
     if rows_per_expert is not None:
-        group = rows_per_expert if pad_multiple is None else -(-rows_per_expert // pad_multiple) * pad_multiple
+        group = (
+            rows_per_expert if pad_multiple is None else -(-rows_per_expert // pad_multiple) * pad_multiple
+        )
         keep = valid & (position < group)
         slot = expert * group + position
         total = num_experts * group

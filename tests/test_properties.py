@@ -221,6 +221,10 @@ class RanksDiverged(BaseException):  # noqa: N818  (BaseException: hypothesis mu
     """The ranks drew different examples: the property stops on every rank."""
 
 
+class ExampleFailed(AssertionError):
+    """An example failed on some rank (raised on every rank)."""
+
+
 class Ranks:
     def __init__(self, rank: int, num_ranks: int, group_name: str):
         import ep_ops  # noqa: F401  (loads the ops)
@@ -242,13 +246,14 @@ class Ranks:
             raise RanksDiverged(f"ranks drew different examples (checksums {digests}); this one: {example}")
 
     def agree(self, error) -> None:
-        """Raises on every rank when the example failed on any rank."""
+        """Raises on every rank when the example failed on any rank, the same exception type from
+        the same line everywhere (and without the local error as its context): hypothesis tells
+        failures apart by where they were raised, and must shrink the same way on every rank."""
         failed = self._gather(0 if error is None else 1)
-        if error is not None:
-            raise error
         if any(failed):
             bad = [r for r, f in enumerate(failed) if f]
-            raise AssertionError(f"rank(s) {bad} failed this example (their report says why)")
+            here = "".join(traceback.format_exception(error)) if error is not None else "passed here\n"
+            raise ExampleFailed(f"rank(s) {bad} failed this example; on rank {self.rank}: {here}")
 
     def run(self, name: str, strategy, body, max_examples: int) -> dict:
         """Runs ``body(self, example)`` over hypothesis' examples in step with the other ranks."""
@@ -278,7 +283,10 @@ class Ranks:
         try:
             prop()
         except (Exception, RanksDiverged):
-            return {"examples": calls, "error": f"rank {self.rank}, property {name}:\n{traceback.format_exc()}"}
+            return {
+                "examples": calls,
+                "error": f"rank {self.rank}, property {name}:\n{traceback.format_exc()}",
+            }
         return {"examples": calls, "error": None}
 
 
@@ -426,7 +434,9 @@ def check_low_latency(r: Ranks, ex: LowLatencyExample) -> None:
         partials = ops.low_latency_combine_send(
             expert_output(out), topk_idx, topk_weights, slots, M, ex.use_logfmt, g
         )
-        combined = ops.low_latency_combine_recv(partials, topk_idx, ex.hidden, num_experts, M, ex.use_logfmt, g)
+        combined = ops.low_latency_combine_recv(
+            partials, topk_idx, ex.hidden, num_experts, M, ex.use_logfmt, g
+        )
     else:
         combined = ops.low_latency_combine(
             expert_output(out), topk_idx, topk_weights, slots, M, ex.use_logfmt, g

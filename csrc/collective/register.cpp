@@ -8,10 +8,14 @@
 namespace ep_ops::collective {
 namespace {
 
-void register_communication_kernels(torch::Library& m) {
+// Normal-mode ops: on CUDA, csrc/cuda/register.cpp chooses between NVLink and these.
+void register_normal_kernels(torch::Library& m) {
   m.impl("dispatch", &dispatch);
   m.impl("cached_dispatch", &cached_dispatch);
   m.impl("combine", &combine);
+}
+
+void register_low_latency_kernels(torch::Library& m) {
   m.impl("low_latency_dispatch", &low_latency_dispatch);
   m.impl("low_latency_dispatch_send", &low_latency_dispatch_send);
   m.impl("low_latency_dispatch_recv", &low_latency_dispatch_recv);
@@ -25,14 +29,16 @@ void register_communication_kernels(torch::Library& m) {
 
 TORCH_LIBRARY_IMPL(ep_ops, CPU, m) {
   m.impl("get_dispatch_layout", &get_dispatch_layout);
-  register_communication_kernels(m);
+  register_normal_kernels(m);
+  register_low_latency_kernels(m);
 }
 
 TORCH_LIBRARY_IMPL(ep_ops, CUDA, m) {
-#ifndef EP_OPS_WITH_CUDA  // a CUDA build has csrc/cuda/layout.cu
+#ifndef EP_OPS_WITH_CUDA  // a CUDA build registers its own layout and normal-mode kernels
   m.impl("get_dispatch_layout", &get_dispatch_layout);
+  register_normal_kernels(m);
 #endif
-  register_communication_kernels(m);
+  register_low_latency_kernels(m);
 }
 
 }  // namespace ep_ops::collective

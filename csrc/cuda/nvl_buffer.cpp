@@ -1,0 +1,69 @@
+#include "nvl_buffer.h"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/symm_mem/SymmetricMemory.hpp>
+
+#include <map>
+#include <mutex>
+
+namespace ep_ops::cuda {
+namespace {
+
+struct Entry {
+  at::Tensor local;  // keeps the allocation alive while registered
+  c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> handle;
+  PeerView view;
+};
+
+std::mutex registry_mutex;
+std::map<std::string, Entry>& registry() {
+  static std::map<std::string, Entry> entries;
+  return entries;
+}
+
+}  // namespace
+
+at::Tensor init_nvl_buffer(const at::Tensor& device_hint, const std::string& group_name,
+                           int64_t num_bytes) {
+  const char* op = "init_nvl_buffer";
+  TORCH_CHECK_VALUE(device_hint.is_cuda(), "ep_ops.", op, ": device_hint must be a CUDA tensor");
+  TORCH_CHECK_VALUE(num_bytes > kControlBytes + 2 * 16, "ep_ops.", op, ": num_bytes (", num_bytes,
+                    ") must exceed the ", kControlBytes, " control bytes");
+  c10::cuda::CUDAGuard guard(device_hint.device());
+  auto local = c10d::symmetric_memory::empty_strided_p2p({num_bytes}, {1}, at::kByte,
+                                                         device_hint.device(), group_name,
+                                                         std::nullopt);
+  local.zero_();
+  auto handle = c10d::symmetric_memory::rendezvous(local, group_name);
+  const int num_ranks = handle->get_world_size();
+  TORCH_CHECK_VALUE(num_ranks <= kMaxNvlRanks, "ep_ops.", op, ": NVLink buffers serve up to ",
+                    kMaxNvlRanks, " ranks, the group has ", num_ranks);
+  // Every rank has zeroed its control words before any peer may write into them.
+  handle->barrier(0, 60'000);
+
+  PeerView view{};
+  auto ptrs = handle->get_buffer_ptrs();
+  for (int r = 0; r < num_ranks; ++r) view.base[r] = static_cast<uint8_t*>(ptrs[r]);
+  view.rank = handle->get_rank();
+  view.num_ranks = num_ranks;
+  view.region_bytes = (num_bytes - kControlBytes) / 2 / 16 * 16;
+
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry()[group_name] = Entry{local, handle, view};
+  return local;
+}
+
+void release_nvl_buffer(const at::Tensor&, const std::string& group_name) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry().erase(group_name);
+}
+
+std::optional<PeerView> find_nvl_buffer(const std::string& group_name) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto it = registry().find(group_name);
+  if (it == registry().end()) return std::nullopt;
+  return it->second.view;
+}
+
+}  // namespace ep_ops::cuda

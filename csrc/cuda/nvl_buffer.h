@@ -1,0 +1,60 @@
+// The NVLink peer memory of a group: one symmetric-memory allocation per rank, registered under
+// the group's name when an ep_ops.Buffer is built (never during graph capture), and looked up by
+// the ops. Its layout is the same on every rank:
+//
+//   [0, kControlBytes)            control: flags written by peers, counters kept locally
+//   [kControlBytes, +half)        dispatch rows sent to this rank
+//   [..., end)                    combine rows sent back to this rank
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_runtime.h>  // __host__ __device__ for PeerView
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace ep_ops::cuda {
+
+constexpr int kMaxNvlRanks = 8;
+constexpr int64_t kControlBytes = 64 * 1024;
+
+// Control words, all uint64; peers write the per-source slots [kMaxNvlRanks].
+struct Control {
+  uint64_t dispatch_epoch;                        // local: dispatches run so far
+  uint64_t combine_epoch;                         // local: combines run so far
+  uint64_t dispatch_recv_tickets;                 // local: receiver blocks done, cumulative
+  uint64_t combine_recv_tickets;                  // local
+  uint64_t counts_ready[kMaxNvlRanks];            // source s posted its counts for epoch e
+  uint64_t dispatch_arrivals[kMaxNvlRanks];       // sender blocks of source s done, cumulative
+  uint64_t dispatch_freed[kMaxNvlRanks];          // receiver r consumed our rows of epoch e
+  uint64_t combine_arrivals[kMaxNvlRanks];
+  uint64_t combine_freed[kMaxNvlRanks];
+  int32_t counts[kMaxNvlRanks][kMaxNvlRanks];     // counts[s][d]: tokens source s sends to d
+};
+static_assert(sizeof(Control) <= kControlBytes);
+
+// Device-side view handed to kernels by value.
+struct PeerView {
+  uint8_t* base[kMaxNvlRanks];  // every rank's buffer, mapped into this process
+  int rank, num_ranks;
+  int64_t region_bytes;         // bytes of each of the two data regions
+  __host__ __device__ Control* control(int r) const { return reinterpret_cast<Control*>(base[r]); }
+  __host__ __device__ uint8_t* dispatch_region(int r) const { return base[r] + kControlBytes; }
+  __host__ __device__ uint8_t* combine_region(int r) const {
+    return base[r] + kControlBytes + region_bytes;
+  }
+};
+
+// Allocates and rendezvous the group's buffer (collective over the group), keeps it in the
+// registry and returns the local tensor. num_bytes covers control and both regions.
+at::Tensor init_nvl_buffer(const at::Tensor& device_hint, const std::string& group_name,
+                           int64_t num_bytes);
+
+// Drops the registry's reference (the memory goes once the caller's tensor goes too).
+void release_nvl_buffer(const at::Tensor& device_hint, const std::string& group_name);
+
+// The registered view of the group, if any.
+std::optional<PeerView> find_nvl_buffer(const std::string& group_name);
+
+}  // namespace ep_ops::cuda

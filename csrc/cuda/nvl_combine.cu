@@ -1,0 +1,223 @@
+// Combine between the GPUs of one host, through the group's NVLink buffer.
+//
+//   begin: wait until every source consumed our previous combine rows; open the epoch.
+//   send:  every received row goes back into its source rank's combine region, into the block
+//          of rows that source had sent us, at the row's index in that block.
+//   recv:  each token sums its rows over destination ranks in ascending order (float32), then
+//          bias_0, then bias_1 (the collective backend's order, so results match it bitwise).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "nvl_buffer.h"
+#include "nvl_dispatch.h"
+#include "nvl_rows.cuh"
+#include "nvl_signals.cuh"
+
+namespace ep_ops::cuda {
+namespace {
+
+constexpr int kSendBlocks = 64;
+constexpr int kRecvBlocks = 64;
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T>
+struct Convert;
+template <>
+struct Convert<__nv_bfloat16> {
+  static __device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Convert<__half> {
+  static __device__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __half from_float(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Convert<float> {
+  static __device__ float to_float(float v) { return v; }
+  static __device__ float from_float(float v) { return v; }
+};
+
+// Rows source `s` sent to rank `d` in the dispatch, from the prefix matrix.
+__device__ __forceinline__ int32_t sent(const int32_t* prefix, int R, int s, int d) {
+  return prefix[s * R + d] - (s > 0 ? prefix[(s - 1) * R + d] : 0);
+}
+
+__global__ void begin_kernel(PeerView v) {
+  const int tid = threadIdx.x, me = v.rank;
+  Control* mine = v.control(me);
+  const uint64_t cur = mine->combine_epoch + 1;
+  if (tid < v.num_ranks) wait_at_least(&mine->combine_freed[tid], cur - 1, me, tid, "combine: freed");
+  __syncthreads();
+  if (tid == 0) mine->combine_epoch = cur;
+}
+
+struct SendArgs {
+  const uint8_t* x;
+  const uint8_t* weights;
+  const int32_t* prefix;
+  int64_t payload, weight_bytes, row_bytes;
+};
+
+__global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) {
+  const int me = v.rank, R = v.num_ranks, lane = threadIdx.x % 32;
+  const int64_t num_valid = a.prefix[(R - 1) * R + me];
+  for (int64_t n = blockIdx.x * kWarps + threadIdx.x / 32; n < num_valid; n += gridDim.x * kWarps) {
+    int s = 0;
+    while (a.prefix[s * R + me] <= n) ++s;  // the source rank of row n
+    const int64_t index = n - (s > 0 ? a.prefix[(s - 1) * R + me] : 0);
+    int64_t block = 0;  // rows source s sent to ranks below us come first in its region
+    for (int d = 0; d < me; ++d) block += sent(a.prefix, R, s, d);
+    uint8_t* dst = v.combine_region(s) + (block + index) * a.row_bytes;
+    warp_copy(dst, a.x + n * a.payload, a.payload, lane);
+    if (a.weights) warp_copy_words(dst + a.payload, a.weights + n * a.weight_bytes, a.weight_bytes, lane);
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < R) add_release(&v.control(threadIdx.x)->combine_arrivals[me], 1);
+}
+
+struct RecvArgs {
+  uint8_t* out;
+  float* out_weights;
+  const uint8_t* bias_0;
+  const uint8_t* bias_1;
+  const bool* in_rank;
+  const int32_t* positions;
+  const int32_t* prefix;
+  int num_tokens, num_topk;
+  int64_t payload, row_bytes;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) {
+  constexpr int kElems = 16 / sizeof(T);
+  const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32;
+  Control* mine = v.control(me);
+  const uint64_t cur = mine->combine_epoch;
+  if (tid < R) wait_at_least(&mine->combine_arrivals[tid], cur * kSendBlocks, me, tid, "combine: rows");
+  __syncthreads();
+
+  int64_t block[kMaxNvlRanks];  // where each destination's rows start in our region
+  int64_t running = 0;
+  for (int d = 0; d < R; ++d) {
+    block[d] = running;
+    running += sent(a.prefix, R, me, d);
+  }
+  const uint8_t* region = v.combine_region(me);
+  for (int t = blockIdx.x * kWarps + tid / 32; t < a.num_tokens; t += gridDim.x * kWarps) {
+    const int64_t token = t;
+    for (int64_t chunk = lane; chunk < a.payload / 16; chunk += 32) {
+      float acc[kElems];
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) acc[e] = 0.f;
+      for (int d = 0; d < R; ++d) {
+        if (!a.in_rank[token * R + d]) continue;
+        const int64_t row = block[d] + a.positions[token * R + d];
+        const int4 raw = reinterpret_cast<const int4*>(region + row * a.row_bytes)[chunk];
+        const T* vals = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) acc[e] += Convert<T>::to_float(vals[e]);
+      }
+      for (const uint8_t* bias : {a.bias_0, a.bias_1}) {
+        if (!bias) continue;
+        const int4 raw = reinterpret_cast<const int4*>(bias + token * a.payload)[chunk];
+        const T* vals = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) acc[e] += Convert<T>::to_float(vals[e]);
+      }
+      int4 packed;
+      T* outs = reinterpret_cast<T*>(&packed);
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) outs[e] = Convert<T>::from_float(acc[e]);
+      reinterpret_cast<int4*>(a.out + token * a.payload)[chunk] = packed;
+    }
+    for (int k = lane; k < a.num_topk && a.out_weights; k += 32) {
+      float acc = 0.f;
+      for (int d = 0; d < R; ++d) {
+        if (!a.in_rank[token * R + d]) continue;
+        const int64_t row = block[d] + a.positions[token * R + d];
+        acc += reinterpret_cast<const float*>(region + row * a.row_bytes + a.payload)[k];
+      }
+      a.out_weights[token * a.num_topk + k] = acc;
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    const uint64_t ticket = atomicAdd(reinterpret_cast<unsigned long long*>(&mine->combine_recv_tickets), 1ULL) + 1;
+    if (ticket % kRecvBlocks == 0) {
+      for (int d = 0; d < R; ++d) store_release(&v.control(d)->combine_freed[me], cur);
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tensor& x_in,
+                                               const std::optional<at::Tensor>& topk_weights,
+                                               const std::optional<at::Tensor>& bias_0,
+                                               const std::optional<at::Tensor>& bias_1,
+                                               const at::Tensor& is_token_in_rank,
+                                               const at::Tensor& rank_prefix_matrix) {
+  c10::cuda::CUDAGuard guard(x_in.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto x = x_in.contiguous();
+  auto in_rank = is_token_in_rank.contiguous();
+  auto prefix = rank_prefix_matrix.contiguous();
+  const int64_t num_tokens = in_rank.size(0), hidden = x.size(1);
+  const int num_topk = topk_weights.has_value() ? static_cast<int>(topk_weights->size(1)) : 0;
+  const int64_t payload = hidden * x.element_size();
+  const int64_t weight_bytes = 4LL * num_topk;
+  const int64_t row_bytes = payload + round16(weight_bytes);
+  const int64_t capacity_rows = v.region_bytes / row_bytes;
+  TORCH_CHECK_VALUE(x.size(0) <= capacity_rows, "ep_ops.combine: the NVLink buffer holds ",
+                    capacity_rows, " rows of ", row_bytes, " bytes, this call may need ", x.size(0),
+                    "; num_nvl_bytes must be at least ", kControlBytes + 2 * x.size(0) * row_bytes);
+  auto w = topk_weights.has_value() ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
+  auto b0 = bias_0.has_value() ? std::optional<at::Tensor>(bias_0->contiguous()) : std::nullopt;
+  auto b1 = bias_1.has_value() ? std::optional<at::Tensor>(bias_1->contiguous()) : std::nullopt;
+
+  begin_kernel<<<1, 32, 0, stream>>>(v);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  SendArgs send{static_cast<const uint8_t*>(x.data_ptr()),
+                w.has_value() ? static_cast<const uint8_t*>(w->data_ptr()) : nullptr,
+                prefix.data_ptr<int32_t>(), payload, weight_bytes, row_bytes};
+  send_kernel<<<kSendBlocks, kThreads, 0, stream>>>(v, send);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  auto mask = in_rank.to(at::kInt);
+  auto positions = (mask.cumsum(0, at::kInt) - mask).contiguous();
+  auto out = at::empty({num_tokens, hidden}, x.options());
+  auto out_weights = at::empty(w.has_value() ? at::IntArrayRef{num_tokens, num_topk} : at::IntArrayRef{0},
+                               x.options().dtype(at::kFloat));
+  RecvArgs recv{static_cast<uint8_t*>(out.data_ptr()),
+                w.has_value() ? out_weights.data_ptr<float>() : nullptr,
+                b0.has_value() ? static_cast<const uint8_t*>(b0->data_ptr()) : nullptr,
+                b1.has_value() ? static_cast<const uint8_t*>(b1->data_ptr()) : nullptr,
+                in_rank.data_ptr<bool>(), positions.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
+                static_cast<int>(num_tokens), num_topk, payload, row_bytes};
+  switch (x.scalar_type()) {
+    case at::kBFloat16:
+      recv_kernel<__nv_bfloat16><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+      break;
+    case at::kHalf:
+      recv_kernel<__half><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+      break;
+    case at::kFloat:
+      recv_kernel<float><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "ep_ops.combine: the NVLink kernel takes bfloat16, float16 or float32, got ",
+                       x.scalar_type());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, out_weights};
+}
+
+}  // namespace ep_ops::cuda

@@ -1,0 +1,313 @@
+// Dispatch and cached dispatch between the GPUs of one host, through the group's NVLink buffer.
+//
+// Three launches on the current stream:
+//   notify: wait until every receiver has consumed our previous rows, post our per-destination
+//           counts to every peer, wait for theirs; out: rank_prefix_matrix and per-rank totals.
+//   send:   each warp takes tokens and writes each token's row straight into every destination's
+//           dispatch region, at (rows from lower source ranks) + (its index among our tokens for
+//           that destination): the receiver's order is fixed by the data, no atomics decide it.
+//   recv:   wait for every source's send blocks, copy the rows out into the output tensors,
+//           then tell the sources their rows are consumed.
+// Epochs and counters live in the buffer, so a captured graph replays correctly.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "nvl_buffer.h"
+#include "nvl_dispatch.h"
+#include "nvl_rows.cuh"
+#include "nvl_signals.cuh"
+
+namespace ep_ops::cuda {
+namespace {
+
+constexpr int kSendBlocks = 64;  // fixed: receivers count send blocks to know a source is done
+constexpr int kRecvBlocks = 64;
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxLocalExperts = 1024;
+
+__global__ void notify_kernel(PeerView v, const bool* in_rank, int num_tokens,
+                              const int32_t* given_prefix, int32_t* prefix_out,
+                              int32_t* totals_out) {
+  __shared__ int32_t counts[kMaxNvlRanks];
+  __shared__ uint64_t epoch;
+  const int me = v.rank, R = v.num_ranks, tid = threadIdx.x;
+  Control* mine = v.control(me);
+  if (tid == 0) epoch = mine->dispatch_epoch + 1;
+  if (tid < R) counts[tid] = 0;
+  __syncthreads();
+  const uint64_t cur = epoch;
+
+  // Receivers must have consumed our rows of the previous dispatch before we overwrite them.
+  if (tid < R) wait_at_least(&mine->dispatch_freed[tid], cur - 1, me, tid, "dispatch: freed");
+
+  if (given_prefix == nullptr) {
+    for (int t = tid; t < num_tokens; t += blockDim.x) {
+      for (int d = 0; d < R; ++d) {
+        if (in_rank[static_cast<int64_t>(t) * R + d]) atomicAdd(&counts[d], 1);
+      }
+    }
+    __syncthreads();
+    if (tid < R) {
+      Control* peer = v.control(tid);
+      for (int j = 0; j < R; ++j) peer->counts[me][j] = counts[j];
+      __threadfence_system();
+      store_release(&peer->counts_ready[me], cur);
+      wait_at_least(&mine->counts_ready[tid], cur, me, tid, "dispatch: counts");
+    }
+    __syncthreads();
+    if (tid < R) {  // column tid of the prefix matrix
+      int32_t running = 0;
+      for (int i = 0; i < R; ++i) {
+        running += *reinterpret_cast<volatile int32_t*>(&mine->counts[i][tid]);
+        prefix_out[i * R + tid] = running;
+      }
+      totals_out[tid] = running;
+    }
+  } else if (tid < R) {  // cached dispatch: the handle's prefix matrix has the counts
+    totals_out[tid] = given_prefix[(R - 1) * R + tid];
+  }
+  __syncthreads();
+  if (tid == 0) mine->dispatch_epoch = cur;
+}
+
+// A dispatch that stops after notify (a capacity error seen by every rank alike) still closes
+// its epoch: as a sender it reports its send blocks done, as a receiver its rows consumed.
+__global__ void abort_kernel(PeerView v) {
+  const int tid = threadIdx.x;
+  if (tid >= v.num_ranks) return;
+  const uint64_t cur = v.control(v.rank)->dispatch_epoch;
+  add_release(&v.control(tid)->dispatch_arrivals[v.rank], kSendBlocks);
+  store_release(&v.control(tid)->dispatch_freed[v.rank], cur);
+}
+
+struct SendArgs {
+  const uint8_t* x;
+  const uint8_t* scales;
+  const uint8_t* topk;
+  const uint8_t* weights;
+  const bool* in_rank;
+  const int32_t* positions;  // [T, R]: the token's index among our tokens for each destination
+  const int32_t* prefix;     // rank_prefix_matrix [R, R]
+  int num_tokens;
+  RowLayout row;
+  int64_t scale_bytes, topk_bytes, weight_bytes;  // unpadded source widths
+};
+
+__global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) {
+  const int me = v.rank, R = v.num_ranks;
+  const int lane = threadIdx.x % 32;
+  const int64_t row_bytes = a.row.bytes();
+  const int64_t capacity_rows = v.region_bytes / row_bytes;
+  for (int t = blockIdx.x * kWarps + threadIdx.x / 32; t < a.num_tokens; t += gridDim.x * kWarps) {
+    for (int d = 0; d < R; ++d) {
+      if (!a.in_rank[static_cast<int64_t>(t) * R + d]) continue;
+      const int64_t index =
+          (me > 0 ? a.prefix[(me - 1) * R + d] : 0) + a.positions[static_cast<int64_t>(t) * R + d];
+      if (index >= capacity_rows) continue;  // cannot happen after the host's capacity check
+      uint8_t* dst = v.dispatch_region(d) + index * row_bytes;
+      warp_copy(dst, a.x + t * a.row.payload, a.row.payload, lane);
+      if (a.scales) warp_copy_words(dst + a.row.scales_at(), a.scales + t * a.scale_bytes, a.scale_bytes, lane);
+      if (a.topk) warp_copy_words(dst + a.row.topk_at(), a.topk + t * a.topk_bytes, a.topk_bytes, lane);
+      if (a.weights) {
+        warp_copy_words(dst + a.row.weights_at(), a.weights + t * a.weight_bytes, a.weight_bytes, lane);
+      }
+      if (lane == 0) *reinterpret_cast<int32_t*>(dst + a.row.src_at()) = t;
+    }
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < R) add_release(&v.control(threadIdx.x)->dispatch_arrivals[me], 1);
+}
+
+struct RecvArgs {
+  uint8_t* recv_x;
+  float* recv_scales;
+  int64_t* recv_topk;
+  float* recv_weights;
+  int32_t* recv_src;
+  int32_t* expert_counts;  // [E_local], zeroed by the host
+  const int32_t* prefix;
+  int64_t num_rows;        // rows of the outputs (N, or num_worst_tokens)
+  RowLayout row;
+  int num_scales, num_topk, experts_per_rank;
+};
+
+__global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) {
+  __shared__ int32_t hist[kMaxLocalExperts];
+  const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32;
+  Control* mine = v.control(me);
+  const uint64_t cur = mine->dispatch_epoch;
+  for (int i = tid; i < a.experts_per_rank; i += blockDim.x) hist[i] = 0;
+  if (tid < R) {
+    wait_at_least(&mine->dispatch_arrivals[tid], cur * kSendBlocks, me, tid, "dispatch: rows");
+  }
+  __syncthreads();
+
+  const int64_t num_valid = a.prefix[(R - 1) * R + me];
+  const int64_t first_expert = static_cast<int64_t>(me) * a.experts_per_rank;
+  const int64_t row_bytes = a.row.bytes();
+  for (int64_t n = blockIdx.x * kWarps + tid / 32; n < a.num_rows; n += gridDim.x * kWarps) {
+    uint8_t* out = a.recv_x + n * a.row.payload;
+    if (n >= num_valid) {  // worst-token padding
+      for (int64_t i = lane; i < a.row.payload / 16; i += 32) reinterpret_cast<int4*>(out)[i] = int4{0, 0, 0, 0};
+      for (int i = lane; i < a.num_scales; i += 32) a.recv_scales[n * a.num_scales + i] = 0.f;
+      for (int k = lane; k < a.num_topk && a.recv_topk; k += 32) a.recv_topk[n * a.num_topk + k] = -1;
+      for (int k = lane; k < a.num_topk && a.recv_weights; k += 32) a.recv_weights[n * a.num_topk + k] = 0.f;
+      if (lane == 0) a.recv_src[n] = -1;
+      continue;
+    }
+    const uint8_t* src = v.dispatch_region(me) + n * row_bytes;
+    warp_copy(out, src, a.row.payload, lane);
+    const auto* scales = reinterpret_cast<const float*>(src + a.row.scales_at());
+    for (int i = lane; i < a.num_scales; i += 32) a.recv_scales[n * a.num_scales + i] = scales[i];
+    if (a.recv_topk) {
+      const auto* global = reinterpret_cast<const int64_t*>(src + a.row.topk_at());
+      const auto* weights = reinterpret_cast<const float*>(src + a.row.weights_at());
+      for (int k = lane; k < a.num_topk; k += 32) {
+        const int64_t local = global[k] - first_expert;
+        const bool here = global[k] >= 0 && local >= 0 && local < a.experts_per_rank;
+        a.recv_topk[n * a.num_topk + k] = here ? local : -1;
+        if (a.recv_weights) a.recv_weights[n * a.num_topk + k] = here ? weights[k] : 0.f;
+      }
+      if (lane == 0) {  // a row counts once per distinct local expert
+        for (int k = 0; k < a.num_topk; ++k) {
+          const int64_t local = global[k] - first_expert;
+          if (global[k] < 0 || local < 0 || local >= a.experts_per_rank) continue;
+          bool seen = false;
+          for (int j = 0; j < k; ++j) seen |= global[j] == global[k];
+          if (!seen) atomicAdd(&hist[local], 1);
+        }
+      }
+    }
+    if (lane == 0) a.recv_src[n] = *reinterpret_cast<const int32_t*>(src + a.row.src_at());
+  }
+  __syncthreads();
+  for (int i = tid; i < a.experts_per_rank && a.recv_topk; i += blockDim.x) {
+    if (hist[i]) atomicAdd(&a.expert_counts[i], hist[i]);
+  }
+  // The last block to finish tells every source that its rows are consumed.
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    const uint64_t ticket = atomicAdd(reinterpret_cast<unsigned long long*>(&mine->dispatch_recv_tickets), 1ULL) + 1;
+    if (ticket % kRecvBlocks == 0) {
+      for (int s = 0; s < R; ++s) store_release(&v.control(s)->dispatch_freed[me], cur);
+    }
+  }
+}
+
+const uint8_t* bytes_of(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? static_cast<const uint8_t*>(t->data_ptr()) : nullptr;
+}
+
+}  // namespace
+
+bool nvl_dispatch_supported(const at::Tensor& x, const std::optional<at::Tensor>& topk_idx,
+                            const PeerView& v) {
+  return x.is_cuda() && x.dim() == 2 && (x.size(1) * x.element_size()) % 16 == 0 &&
+         v.num_ranks <= kMaxNvlRanks && (!topk_idx.has_value() || topk_idx->dim() == 2);
+}
+
+NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
+                               const std::optional<at::Tensor>& x_scales,
+                               const std::optional<at::Tensor>& topk_idx,
+                               const std::optional<at::Tensor>& topk_weights,
+                               const at::Tensor& is_token_in_rank, int64_t num_experts,
+                               int64_t expert_alignment, int64_t num_worst_tokens,
+                               const std::optional<at::Tensor>& given_prefix,
+                               int64_t given_rows) {
+  c10::cuda::CUDAGuard guard(x_in.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int R = v.num_ranks, me = v.rank;
+  auto x = x_in.contiguous();
+  auto in_rank = is_token_in_rank.contiguous();
+  const int64_t num_tokens = x.size(0), hidden = x.size(1);
+  const int num_scales = x_scales.has_value() ? static_cast<int>(x_scales->size(1)) : 0;
+  const int num_topk = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
+  const bool has_weights = topk_weights.has_value();
+  const RowLayout row{hidden * x.element_size(), round16(4 * num_scales), round16(8 * num_topk),
+                      has_weights ? round16(4 * num_topk) : 0};
+  const int64_t capacity_rows = v.region_bytes / row.bytes();
+  auto int_options = x.options().dtype(at::kInt);
+
+  // notify
+  auto prefix = given_prefix.has_value() ? given_prefix->contiguous()
+                                         : at::empty({R, R}, int_options);
+  auto totals = at::empty({R}, int_options);
+  notify_kernel<<<1, 1024, 0, stream>>>(
+      v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
+      given_prefix.has_value() ? prefix.data_ptr<int32_t>() : nullptr,
+      given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(), totals.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // Output rows: exact mode reads the totals (the host sync of exact mode); worst-token mode and
+  // cached dispatch know them already. Every rank sees every total, so all fail alike.
+  int64_t num_rows = given_rows >= 0 ? given_rows : num_worst_tokens;
+  if (given_rows < 0 && num_worst_tokens == 0) {
+    auto host_totals = totals.cpu();
+    const int32_t* t = host_totals.data_ptr<int32_t>();
+    int64_t most = 0;
+    for (int r = 0; r < R; ++r) most = std::max<int64_t>(most, t[r]);
+    if (most > capacity_rows) {
+      abort_kernel<<<1, 32, 0, stream>>>(v);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      TORCH_CHECK_VALUE(false, "ep_ops.dispatch: the NVLink buffer is too small: a rank receives ",
+                        most, " rows of ", row.bytes(), " bytes; num_nvl_bytes must be at least ",
+                        kControlBytes + 2 * most * row.bytes());
+    }
+    num_rows = t[me];
+  }
+  TORCH_CHECK_VALUE(num_rows <= capacity_rows, "ep_ops.dispatch: the NVLink buffer holds ",
+                    capacity_rows, " rows of ", row.bytes(), " bytes, this call may need ",
+                    num_rows, "; num_nvl_bytes must be at least ",
+                    kControlBytes + 2 * num_rows * row.bytes());
+
+  // send
+  auto positions_mask = in_rank.to(at::kInt);
+  auto positions = (positions_mask.cumsum(0, at::kInt) - positions_mask).contiguous();
+  auto idx = topk_idx.has_value() ? std::optional<at::Tensor>(topk_idx->contiguous()) : std::nullopt;
+  auto w = has_weights ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
+  auto s = x_scales.has_value() ? std::optional<at::Tensor>(x_scales->contiguous()) : std::nullopt;
+  SendArgs send{static_cast<const uint8_t*>(x.data_ptr()), bytes_of(s), bytes_of(idx), bytes_of(w),
+                in_rank.data_ptr<bool>(), positions.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
+                static_cast<int>(num_tokens), row, 4LL * num_scales, 8LL * num_topk,
+                has_weights ? 4LL * num_topk : 0};
+  send_kernel<<<kSendBlocks, kThreads, 0, stream>>>(v, send);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // recv
+  const int64_t per_rank = num_topk > 0 ? num_experts / R : 0;
+  TORCH_CHECK_VALUE(per_rank <= kMaxLocalExperts, "ep_ops.dispatch: at most ", kMaxLocalExperts,
+                    " experts per rank on NVLink, got ", per_rank);
+  NvlDispatchResult out;
+  out.recv_x = at::empty({num_rows, hidden}, x.options());
+  out.recv_x_scales = at::empty(s.has_value() ? at::IntArrayRef{num_rows, num_scales} : at::IntArrayRef{0},
+                                x.options().dtype(at::kFloat));
+  out.recv_topk_idx = at::empty(idx.has_value() ? at::IntArrayRef{num_rows, num_topk} : at::IntArrayRef{0},
+                                x.options().dtype(at::kLong));
+  out.recv_topk_weights = at::empty(has_weights ? at::IntArrayRef{num_rows, num_topk} : at::IntArrayRef{0},
+                                    x.options().dtype(at::kFloat));
+  out.num_recv_tokens_per_expert = at::zeros({idx.has_value() ? per_rank : 0}, int_options);
+  out.recv_src_idx = at::empty({num_rows}, int_options);
+  out.rank_prefix_matrix = prefix;
+  RecvArgs recv{static_cast<uint8_t*>(out.recv_x.data_ptr()),
+                s.has_value() ? out.recv_x_scales.data_ptr<float>() : nullptr,
+                idx.has_value() ? out.recv_topk_idx.data_ptr<int64_t>() : nullptr,
+                has_weights ? out.recv_topk_weights.data_ptr<float>() : nullptr,
+                out.recv_src_idx.data_ptr<int32_t>(),
+                out.num_recv_tokens_per_expert.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
+                num_rows, row, num_scales, num_topk, static_cast<int>(per_rank)};
+  recv_kernel<<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (idx.has_value() && expert_alignment > 1) {
+    auto& c = out.num_recv_tokens_per_expert;
+    c = (at::floor_divide(c + (expert_alignment - 1), expert_alignment) * expert_alignment)
+            .to(at::kInt);
+  }
+  return out;
+}
+
+}  // namespace ep_ops::cuda

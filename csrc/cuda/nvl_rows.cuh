@@ -1,0 +1,40 @@
+// The byte row a token travels in between NVLink peers, and warp-wide copies of it. Every field
+// starts on a 16-byte boundary so the payload moves in int4 (16-byte) loads and stores.
+#pragma once
+
+#include <cstdint>
+
+namespace ep_ops::cuda {
+
+__host__ __device__ inline int64_t round16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+struct RowLayout {
+  int64_t payload;  // hidden * element size (a multiple of 16)
+  int64_t scales;   // num_scales float32, rounded up
+  int64_t topk;     // num_topk int64, rounded up
+  int64_t weights;  // num_topk float32, rounded up (0 without weights)
+  __host__ __device__ int64_t scales_at() const { return payload; }
+  __host__ __device__ int64_t topk_at() const { return payload + scales; }
+  __host__ __device__ int64_t weights_at() const { return topk_at() + topk; }
+  __host__ __device__ int64_t src_at() const { return weights_at() + weights; }
+  __host__ __device__ int64_t bytes() const { return src_at() + 16; }
+};
+
+// The warp copies `bytes` (a multiple of 16) from src to dst, lanes striding by 16 bytes.
+__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes,
+                                          int lane) {
+  auto* d = reinterpret_cast<int4*>(dst);
+  const auto* s = reinterpret_cast<const int4*>(src);
+  for (int64_t i = lane; i < bytes / 16; i += 32) d[i] = s[i];
+}
+
+// The warp copies `bytes` (a multiple of 4) in 4-byte words: for small fields whose source is
+// only 4-byte aligned.
+__device__ __forceinline__ void warp_copy_words(uint8_t* dst, const uint8_t* src, int64_t bytes,
+                                                int lane) {
+  auto* d = reinterpret_cast<uint32_t*>(dst);
+  const auto* s = reinterpret_cast<const uint32_t*>(src);
+  for (int64_t i = lane; i < bytes / 4; i += 32) d[i] = s[i];
+}
+
+}  // namespace ep_ops::cuda

@@ -1,0 +1,56 @@
+"""The NVLink backend's peer memory: one symmetric-memory buffer per process group.
+
+With a buffer registered for a group, the CUDA dispatch, cached dispatch and combine of that
+group run the NVLink kernels (csrc/cuda/); without one they use the collective backend (NCCL).
+``ep_ops.Buffer`` registers one when built on an NCCL group of one host; code that calls the ops
+directly (compiled graphs) calls :func:`init_nvl_buffer` once, before any capture.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+MAX_NVL_RANKS = 8
+CONTROL_BYTES = 64 * 1024  # csrc/cuda/nvl_buffer.h kControlBytes
+
+
+def nvl_usable(group: dist.ProcessGroup) -> bool:
+    """NVLink kernels apply: CUDA build, NCCL group, at most 8 ranks, all on this host with peer
+    access. ``EP_OPS_BACKEND=collective`` turns them off."""
+    if os.environ.get("EP_OPS_BACKEND", "auto") == "collective":
+        return False
+    if not torch.cuda.is_available() or dist.get_backend(group) != "nccl":
+        return False
+    size = group.size()
+    if size > MAX_NVL_RANKS or size > torch.cuda.device_count():
+        return False  # ranks beyond this host's GPUs: not one NVLink domain
+    me = torch.cuda.current_device()
+    return all(torch.cuda.can_device_access_peer(me, d) for d in range(torch.cuda.device_count()) if d != me)
+
+
+def init_nvl_buffer(group: dist.ProcessGroup, num_bytes: int) -> torch.Tensor:
+    """Allocates and exchanges the group's NVLink buffer (every rank of the group must call this,
+    in the same order, outside graph capture). Returns the local uint8 tensor; keep it alive."""
+    from torch.distributed import _symmetric_memory as symm_mem
+
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        symm_mem.enable_symm_mem_for_group(group.group_name)
+    hint = torch.empty(0, device=torch.device("cuda", torch.cuda.current_device()))
+    return torch.ops.ep_ops.init_nvl_buffer(hint, group.group_name, num_bytes)
+
+
+def release_nvl_buffer(group_name: str) -> None:
+    hint = torch.empty(0, device=torch.device("cuda", torch.cuda.current_device()))
+    torch.ops.ep_ops.release_nvl_buffer(hint, group_name)
+
+
+def nvl_bytes_needed(max_recv_rows: int, hidden_bytes: int, num_topk: int, num_scales: int = 0) -> int:
+    """Bytes a buffer needs so that a rank can receive ``max_recv_rows`` dispatch rows (and
+    return as many in combine): control words plus two regions of that many rows."""
+
+    def round16(n):
+        return (n + 15) // 16 * 16
+
+    row = hidden_bytes + round16(4 * num_scales) + round16(8 * num_topk) + round16(4 * num_topk) + 16
+    return CONTROL_BYTES + 2 * max_recv_rows * row
