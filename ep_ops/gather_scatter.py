@@ -54,7 +54,7 @@ def _exchange_header(group, op: str, num_tokens: int, max_tokens: int, t: torch.
         values = headers[:, column].tolist()
         if len(set(values)) > 1:
             raise ValueError(f"ep_ops_py.{op}: ranks disagree on {what}: {values} (by rank)")
-    return headers[:, 1]
+    return headers[:, 1].clone()
 
 
 @torch.library.custom_op("ep_ops_py::all_gather_v", mutates_args=())

@@ -9,6 +9,7 @@ loss ``sum(y * g)`` the gradients are ``dL/dx_t = g_t * sum_k p_tk (e_tk + 1)`` 
 """
 
 import math
+import time
 import traceback
 
 import torch
@@ -88,9 +89,14 @@ def analytic(x, idx, weights, g):
 def scale_by_expert(rows: torch.Tensor, tokens_per_expert: torch.Tensor, first_expert: int) -> torch.Tensor:
     """The analytic experts on grouped rows: row of local expert e times (first_expert + e + 1).
     No host sync: the group of each row comes from a repeat_interleave with a known size."""
-    local = torch.arange(tokens_per_expert.size(0), device=rows.device)
-    row_expert = torch.repeat_interleave(local, tokens_per_expert, output_size=rows.size(0))
-    return rows * (row_expert + first_expert + 1).to(rows.dtype).unsqueeze(1)
+    num_local = tokens_per_expert.size(0)
+    # Rows past the groups (a static row count above their sum) form one more, unscaled group.
+    rest = (rows.size(0) - tokens_per_expert.sum()).reshape(1)
+    sizes = torch.cat([tokens_per_expert, rest])
+    local = torch.arange(num_local + 1, device=rows.device)
+    row_expert = torch.repeat_interleave(local, sizes, output_size=rows.size(0))
+    scale = torch.where(row_expert < num_local, row_expert + first_expert + 1, 0)
+    return rows * scale.to(rows.dtype).unsqueeze(1)
 
 
 def graph_is_static(gm) -> tuple[bool, list]:
@@ -99,9 +105,10 @@ def graph_is_static(gm) -> tuple[bool, list]:
 
     problems = []
     for node in gm.graph.nodes:
-        name = str(node.target)
-        if "item" in name or "local_scalar_dense" in name or "tolist" in name:
-            problems.append(name)
+        if node.op == "call_method" and node.target in ("item", "tolist"):
+            problems.append(f"{node.name}: .{node.target}()")
+        if "local_scalar_dense" in str(node.target):
+            problems.append(f"{node.name}: {node.target}")
         value = node.meta.get("example_value")
         values = value if isinstance(value, (tuple, list)) else [value]
         for v in values:
@@ -116,10 +123,12 @@ def run_cases(cases: dict) -> dict:
     records = {}
     for name, run in cases.items():
         torch._dynamo.reset()
+        start = time.perf_counter()
         try:
             records[name] = {"ok": True, **(run() or {})}
         except Exception:
             records[name] = {"ok": False, "error": traceback.format_exc()}
+        records[name]["seconds"] = round(time.perf_counter() - start, 1)
     return records
 
 

@@ -17,13 +17,15 @@ Semantics checked (ep_ops differs from DeepEP on purpose where noted):
 - A receive hook of a destroyed Buffer raises, every time it is called (never returns with its
   outputs unfilled).
 - A Buffer whose process group was destroyed raises ``ValueError`` naming the group.
-- A process that exits with live Buffers (pending receive hooks included) and without
-  ``destroy_process_group`` exits promptly with status 0.
+- A process that exits with live Buffers (pending receive hooks included) exits promptly: with
+  status 0 after ``destroy_process_group``; without it, torch's gloo teardown itself may abort
+  (see ``GLOO_EXIT_ABORT``), but nothing hangs.
 """
 
 import gc
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -494,18 +496,34 @@ EXIT_SCRIPT = textwrap.dedent(
     topk_idx = torch.zeros(1, 1, dtype=torch.int64)
     kept.append(kept[1].low_latency_dispatch(x, topk_idx, 1, world_size, use_fp8=False, return_recv_hook=True))
     print("ready", flush=True)
-    # Exit without destroy() and without dist.destroy_process_group().
+    # Exit without destroy(); with or without dist.destroy_process_group().
+    if {destroy_process_group!r}:
+        dist.destroy_process_group()
     """
 )
 
 
 EXIT_TIMEOUT = 60  # seconds for the whole script: start, import, work and exit (~5 s here)
+# torch's own teardown of a gloo group that was never destroyed sometimes aborts at exit (SIGABRT,
+# this message on stderr), with or without ep_ops: 5 of 40 two-rank runs of a script that only
+# does init_process_group, new_group, all_reduce, all_to_all_single and exits (torch 2.13, CPU);
+# 0 of 20 with destroy_process_group() at the end.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
-@pytest.mark.parametrize("num_ranks", [1, 2])
-def test_interpreter_exit_without_destroy(tmp_path, num_ranks):
+@pytest.mark.parametrize(
+    ("num_ranks", "destroy_process_group"),
+    [(1, False), (2, True), (2, False)],
+    ids=["1rank", "2ranks", "2ranks-group-not-destroyed"],
+)
+def test_interpreter_exit_without_destroy(tmp_path, num_ranks, destroy_process_group):
+    """Live Buffers (one with explicitly_destroy=True), a receive hook never called: the process
+    exits promptly. Exit status 0, except that without destroy_process_group torch's gloo
+    teardown may abort (GLOO_EXIT_ABORT): what must never happen is a hang."""
     script = tmp_path / "exit_without_destroy.py"
-    script.write_text(EXIT_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(
+        EXIT_SCRIPT.format(tests=str(Path(__file__).parent), destroy_process_group=destroy_process_group)
+    )
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.monotonic()
@@ -533,4 +551,7 @@ def test_interpreter_exit_without_destroy(tmp_path, num_ranks):
                 proc.kill()
                 proc.wait()
     for rank, (code, out, err) in enumerate(outcomes):
-        assert code == 0 and "ready" in out, f"rank {rank}: exit code {code}\nstdout:\n{out}\nstderr:\n{err}"
+        torch_abort = not destroy_process_group and code == -signal.SIGABRT and GLOO_EXIT_ABORT in err
+        assert (code == 0 or torch_abort) and "ready" in out, (
+            f"rank {rank}: exit code {code}\nstdout:\n{out}\nstderr:\n{err}"
+        )

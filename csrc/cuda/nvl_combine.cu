@@ -14,14 +14,15 @@
 
 #include "nvl_buffer.h"
 #include "nvl_dispatch.h"
+#include "nvl_positions.cuh"
 #include "nvl_rows.cuh"
 #include "nvl_signals.cuh"
 
 namespace ep_ops::cuda {
 namespace {
 
-constexpr int kSendBlocks = 64;
-constexpr int kRecvBlocks = 64;
+constexpr int kSendBlocks = 256;
+constexpr int kRecvBlocks = 256;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
@@ -48,10 +49,13 @@ __device__ __forceinline__ int32_t sent(const int32_t* prefix, int R, int s, int
   return prefix[s * R + d] - (s > 0 ? prefix[(s - 1) * R + d] : 0);
 }
 
-__global__ void begin_kernel(PeerView v) {
+// Opens the epoch once every source consumed our previous rows, and computes our tokens' slots.
+__global__ void __launch_bounds__(kScanThreads) begin_kernel(PeerView v, const bool* in_rank,
+                                                             int num_tokens, int32_t* positions) {
   const int tid = threadIdx.x, me = v.rank;
   Control* mine = v.control(me);
   const uint64_t cur = mine->combine_epoch + 1;
+  token_positions(in_rank, num_tokens, v.num_ranks, positions, nullptr);
   if (tid < v.num_ranks) wait_at_least(&mine->combine_freed[tid], cur - 1, me, tid, "combine: freed");
   __syncthreads();
   if (tid == 0) mine->combine_epoch = cur;
@@ -183,7 +187,9 @@ std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tens
   auto b0 = bias_0.has_value() ? std::optional<at::Tensor>(bias_0->contiguous()) : std::nullopt;
   auto b1 = bias_1.has_value() ? std::optional<at::Tensor>(bias_1->contiguous()) : std::nullopt;
 
-  begin_kernel<<<1, 32, 0, stream>>>(v);
+  auto positions = at::empty({num_tokens, v.num_ranks}, x.options().dtype(at::kInt));
+  begin_kernel<<<1, kScanThreads, 0, stream>>>(v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
+                                               positions.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   SendArgs send{static_cast<const uint8_t*>(x.data_ptr()),
                 w.has_value() ? static_cast<const uint8_t*>(w->data_ptr()) : nullptr,
@@ -191,8 +197,6 @@ std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tens
   send_kernel<<<kSendBlocks, kThreads, 0, stream>>>(v, send);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  auto mask = in_rank.to(at::kInt);
-  auto positions = (mask.cumsum(0, at::kInt) - mask).contiguous();
   auto out = at::empty({num_tokens, hidden}, x.options());
   auto out_weights = at::empty(w.has_value() ? at::IntArrayRef{num_tokens, num_topk} : at::IntArrayRef{0},
                                x.options().dtype(at::kFloat));

@@ -16,40 +16,36 @@
 
 #include "nvl_buffer.h"
 #include "nvl_dispatch.h"
+#include "nvl_positions.cuh"
 #include "nvl_rows.cuh"
 #include "nvl_signals.cuh"
 
 namespace ep_ops::cuda {
 namespace {
 
-constexpr int kSendBlocks = 64;  // fixed: receivers count send blocks to know a source is done
-constexpr int kRecvBlocks = 64;
+constexpr int kSendBlocks = 256;  // fixed: receivers count send blocks to know a source is done
+constexpr int kRecvBlocks = 256;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxLocalExperts = 1024;
 
-__global__ void notify_kernel(PeerView v, const bool* in_rank, int num_tokens,
-                              const int32_t* given_prefix, int32_t* prefix_out,
-                              int32_t* totals_out) {
+__global__ void __launch_bounds__(kScanThreads) notify_kernel(
+    PeerView v, const bool* in_rank, int num_tokens, const int32_t* given_prefix,
+    int32_t* prefix_out, int32_t* totals_out, int32_t* positions) {
   __shared__ int32_t counts[kMaxNvlRanks];
   __shared__ uint64_t epoch;
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x;
   Control* mine = v.control(me);
   if (tid == 0) epoch = mine->dispatch_epoch + 1;
-  if (tid < R) counts[tid] = 0;
   __syncthreads();
   const uint64_t cur = epoch;
+  // Our tokens' slots per destination, and how many go to each (the counts we post).
+  token_positions(in_rank, num_tokens, R, positions, counts);
 
   // Receivers must have consumed our rows of the previous dispatch before we overwrite them.
   if (tid < R) wait_at_least(&mine->dispatch_freed[tid], cur - 1, me, tid, "dispatch: freed");
 
   if (given_prefix == nullptr) {
-    for (int t = tid; t < num_tokens; t += blockDim.x) {
-      for (int d = 0; d < R; ++d) {
-        if (in_rank[static_cast<int64_t>(t) * R + d]) atomicAdd(&counts[d], 1);
-      }
-    }
-    __syncthreads();
     if (tid < R) {
       Control* peer = v.control(tid);
       for (int j = 0; j < R; ++j) peer->counts[me][j] = counts[j];
@@ -237,10 +233,12 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   auto prefix = given_prefix.has_value() ? given_prefix->contiguous()
                                          : at::empty({R, R}, int_options);
   auto totals = at::empty({R}, int_options);
-  notify_kernel<<<1, 1024, 0, stream>>>(
+  auto positions = at::empty({num_tokens, R}, int_options);
+  notify_kernel<<<1, kScanThreads, 0, stream>>>(
       v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
       given_prefix.has_value() ? prefix.data_ptr<int32_t>() : nullptr,
-      given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(), totals.data_ptr<int32_t>());
+      given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(), totals.data_ptr<int32_t>(),
+      positions.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Output rows: exact mode reads the totals (the host sync of exact mode); worst-token mode and
@@ -266,8 +264,6 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                     kControlBytes + 2 * num_rows * row.bytes());
 
   // send
-  auto positions_mask = in_rank.to(at::kInt);
-  auto positions = (positions_mask.cumsum(0, at::kInt) - positions_mask).contiguous();
   auto idx = topk_idx.has_value() ? std::optional<at::Tensor>(topk_idx->contiguous()) : std::nullopt;
   auto w = has_weights ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
   auto s = x_scales.has_value() ? std::optional<at::Tensor>(x_scales->contiguous()) : std::nullopt;

@@ -20,12 +20,24 @@ struct RowLayout {
   __host__ __device__ int64_t bytes() const { return src_at() + 16; }
 };
 
-// The warp copies `bytes` (a multiple of 16) from src to dst, lanes striding by 16 bytes.
+// The warp copies `bytes` (a multiple of 16) from src to dst, lanes striding by 16 bytes. Each
+// lane issues kUnroll loads before its stores: a copy is bound by load latency, not bandwidth,
+// unless several loads are in flight.
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes,
                                           int lane) {
+  constexpr int kUnroll = 4;
   auto* d = reinterpret_cast<int4*>(dst);
   const auto* s = reinterpret_cast<const int4*>(src);
-  for (int64_t i = lane; i < bytes / 16; i += 32) d[i] = s[i];
+  const int64_t n = bytes / 16;
+  int64_t i = lane;
+  for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = __ldg(s + i + 32 * u);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) d[i + 32 * u] = v[u];
+  }
+  for (; i < n; i += 32) d[i] = __ldg(s + i);
 }
 
 // The warp copies `bytes` (a multiple of 4) in 4-byte words: for small fields whose source is

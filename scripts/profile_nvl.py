@@ -1,0 +1,37 @@
+"""Kernel-level times of the NVLink normal-mode ops on 2 GPUs (torch.profiler), for tuning:
+python3 scripts/profile_nvl.py. Prints rank 0's CUDA kernel table."""
+
+import torch
+import torch.distributed as dist
+
+from ep_ops.launch import parallel_launch
+from ep_ops.nvl import init_nvl_buffer, nvl_bytes_needed
+
+
+def worker(rank, world_size, group_name, tokens=4096, hidden=7168, topk=8, experts=256):
+    ops = torch.ops.ep_ops
+    buffer = init_nvl_buffer(dist.group.WORLD, nvl_bytes_needed(tokens * world_size, 2 * hidden, topk))
+    gen = torch.Generator(device="cuda").manual_seed(rank)
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
+    topk_idx = torch.rand(tokens, experts, device="cuda", generator=gen).topk(topk, dim=1).indices
+    weights = torch.rand(tokens, topk, device="cuda", generator=gen)
+
+    def step():
+        _, _, in_rank = ops.get_dispatch_layout(topk_idx, experts, world_size)
+        out = ops.dispatch(x, None, topk_idx, weights, in_rank, experts, 1, 0, group_name)
+        ops.cached_dispatch(x, None, in_rank, out[5], out[6], group_name)
+        ops.combine(out[0], out[3], None, None, in_rank, out[5], out[6], group_name)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    del buffer
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25) if rank == 0 else None
+
+
+if __name__ == "__main__":
+    print(parallel_launch(2, worker, backend="nccl", device="cuda", timeout=300)[0])
