@@ -32,10 +32,14 @@ def nvl_usable(group: dist.ProcessGroup) -> bool:
 def init_nvl_buffer(group: dist.ProcessGroup, num_bytes: int) -> torch.Tensor:
     """Allocates and exchanges the group's NVLink buffer (every rank of the group must call this,
     in the same order, outside graph capture). Returns the local uint8 tensor; keep it alive."""
+    import warnings
+
     from torch.distributed import _symmetric_memory as symm_mem
 
-    if hasattr(symm_mem, "enable_symm_mem_for_group"):
-        symm_mem.enable_symm_mem_for_group(group.group_name)
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch, a no-op in newer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(group.group_name)
     hint = torch.empty(0, device=torch.device("cuda", torch.cuda.current_device()))
     return torch.ops.ep_ops.init_nvl_buffer(hint, group.group_name, num_bytes)
 

@@ -11,8 +11,10 @@ What the survivors get today (gloo, torch 2.13), recorded by ``test_error_names_
 
 - late peer: ``RuntimeError: [.../gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting
   10000ms for send operation to complete`` (or "recv"), after the process group's timeout;
-- dead peer: ``RuntimeError: [.../gloo/transport/tcp/pair.cc:...] Connection closed by peer
-  [127.0.0.1]:PORT ...``, at once.
+- dead peer: ``RuntimeError: [.../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:PORT:
+  Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the
+  application. ...`` (or ``pair.cc:553] Connection closed by peer [127.0.0.1]:PORT ...``), within
+  ~30 ms.
 
 Neither names the peer's rank, the ep_ops op or its phase (header exchange or data exchange):
 issue 6 asks for both, hence the strict xfail below.
