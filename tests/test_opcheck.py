@@ -13,9 +13,9 @@ from ep_ops.launch import parallel_launch
 ops = torch.ops.ep_ops
 
 
-def _dispatch_samples(world_size, rank, group_name):
+def _dispatch_samples(world_size, rank, group_name, device="cpu"):
     """(name, op, args) for layout, dispatch (exact, worst-token, FP8, no top-k), cached
-    dispatch and combine."""
+    dispatch and combine, with tensors on ``device``."""
     samples = []
     for case in (
         Case(dtype=torch.float32, hidden=16, num_experts=6),
@@ -23,7 +23,7 @@ def _dispatch_samples(world_size, rank, group_name):
         Case(fp8=True, hidden=128, num_experts=6),
         Case(dtype=torch.bfloat16, hidden=16, num_experts=6, with_topk=False),
     ):
-        me = inputs_of(case, rank, world_size)
+        me = {k: None if v is None else v.to(device) for k, v in inputs_of(case, rank, world_size).items()}
         grad = not case.fp8
         x = me["x"].clone().requires_grad_(grad)
         w = None if me["topk_weights"] is None else me["topk_weights"].clone().requires_grad_(grad)

@@ -88,3 +88,52 @@ def graph_worker(rank, world_size, group_name):
 
 def test_worst_token_graph_replays_with_changing_routing():
     parallel_launch(2, graph_worker, backend="nccl", device="cuda", timeout=300)
+
+
+def opcheck_and_compile_worker(rank, world_size, group_name):
+    from moe import dense_moe, expert_weights, local_experts, moe
+    from test_opcheck import ALL_TESTS, FP8_INPUT_TESTS, _dispatch_samples
+
+    buffer = init_nvl_buffer(dist.group.WORLD, NVL_BYTES)
+    for name, op, args in _dispatch_samples(world_size, rank, group_name, "cuda"):
+        has_fp8 = any(isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn for a in args)
+        try:
+            torch.library.opcheck(op, args, test_utils=FP8_INPUT_TESTS if has_fp8 else ALL_TESTS)
+        except Exception as error:
+            raise AssertionError(f"opcheck on CUDA failed for {name} on rank {rank}: {error}") from error
+
+    case = Case(dtype=torch.float32, hidden=16, num_experts=4)
+    inputs = all_inputs(case, world_size)
+    weights = expert_weights(case.num_experts, case.hidden, torch.float32)
+    me = {k: v.cuda() for k, v in inputs[rank].items() if v is not None}
+    w_local = local_experts(weights, rank, world_size).cuda()
+    expected = dense_moe(
+        [i["x"] for i in inputs],
+        [i["topk_idx"] for i in inputs],
+        [i["topk_weights"] for i in inputs],
+        weights,
+    )[rank]
+    for worst in (0, 64):
+        x = me["x"].clone().requires_grad_()
+        args = (
+            x,
+            me["topk_idx"],
+            me["topk_weights"],
+            w_local,
+            case.num_experts,
+            world_size,
+            group_name,
+            worst,
+        )
+        compiled = torch.compile(moe, fullgraph=True)(*args)
+        eager = moe(*args)
+        torch.testing.assert_close(compiled, eager)
+        torch.testing.assert_close(compiled.cpu(), expected, rtol=1e-4, atol=1e-4)
+        (grad_compiled,) = torch.autograd.grad(compiled.sum(), x)
+        (grad_eager,) = torch.autograd.grad(eager.sum(), x)
+        torch.testing.assert_close(grad_compiled, grad_eager)
+    del buffer
+
+
+def test_nvl_opcheck_and_fullgraph_compile_on_cuda():
+    parallel_launch(2, opcheck_and_compile_worker, backend="nccl", device="cuda", timeout=500)
