@@ -29,9 +29,21 @@ def nvl_usable(group: dist.ProcessGroup) -> bool:
     return all(torch.cuda.can_device_access_peer(me, d) for d in range(torch.cuda.device_count()) if d != me)
 
 
+# group_name -> [local buffer, number of holders]: several Buffers on one group share one
+# registration, released when the last holder releases it. Every rank makes the same calls in
+# the same order, so every rank takes the same branch below.
+_registered: dict[str, list] = {}
+
+
 def init_nvl_buffer(group: dist.ProcessGroup, num_bytes: int) -> torch.Tensor:
     """Allocates and exchanges the group's NVLink buffer (every rank of the group must call this,
-    in the same order, outside graph capture). Returns the local uint8 tensor; keep it alive."""
+    in the same order, outside graph capture). Returns the local uint8 tensor; keep it alive and
+    call :func:`release_nvl_buffer` once per call when done. A group that already has a buffer
+    of at least ``num_bytes`` shares it."""
+    held = _registered.get(group.group_name)
+    if held is not None and held[0].numel() >= num_bytes:
+        held[1] += 1
+        return held[0]
     import warnings
 
     from torch.distributed import _symmetric_memory as symm_mem
@@ -41,10 +53,22 @@ def init_nvl_buffer(group: dist.ProcessGroup, num_bytes: int) -> torch.Tensor:
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(group.group_name)
     hint = torch.empty(0, device=torch.device("cuda", torch.cuda.current_device()))
-    return torch.ops.ep_ops.init_nvl_buffer(hint, group.group_name, num_bytes)
+    local = torch.ops.ep_ops.init_nvl_buffer(hint, group.group_name, num_bytes)
+    holders = 1 if held is None else held[1] + 1  # a larger buffer replaced the old one
+    _registered[group.group_name] = [local, holders]
+    return local
 
 
 def release_nvl_buffer(group_name: str) -> None:
+    """Drops one hold on the group's buffer; the last one unregisters it (the ops then use the
+    collective backend for that group)."""
+    held = _registered.get(group_name)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] > 0:
+        return
+    del _registered[group_name]
     hint = torch.empty(0, device=torch.device("cuda", torch.cuda.current_device()))
     torch.ops.ep_ops.release_nvl_buffer(hint, group_name)
 

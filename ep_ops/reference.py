@@ -429,7 +429,7 @@ def pack_ue8m0(scales_inv: torch.Tensor) -> torch.Tensor:
     if scales_inv.size(-1) % UE8M0_PACK != 0:
         raise ValueError(f"the scale count must be a multiple of 4, got {scales_inv.size(-1)}")
     exponent = ((scales_inv.contiguous().view(torch.int32) >> 23) & 0xFF).to(torch.int64)
-    exponent = exponent.view(*scales_inv.shape[:-1], -1, UE8M0_PACK)
+    exponent = exponent.view(*scales_inv.shape[:-1], scales_inv.size(-1) // UE8M0_PACK, UE8M0_PACK)
     packed = torch.zeros(exponent.shape[:-1], dtype=torch.int64)
     for b in range(UE8M0_PACK):
         packed |= exponent[..., b] << (8 * b)

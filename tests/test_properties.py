@@ -472,28 +472,7 @@ PROPERTIES = {
 }
 
 
-def _patch_reference() -> None:
-    """Works around a reference bug, in this rank's process only: ``pack_ue8m0`` of 0 rows fails
-    (``view(0, -1, 4)`` is ambiguous), so ``reference_low_latency_dispatch`` with use_ue8m0 raises
-    whenever some rank has 0 tokens. TODO: drop once ep_ops/reference.py gives the size."""
-    from ep_ops import reference
-
-    original = reference.pack_ue8m0
-    if getattr(original, "handles_empty", False):
-        return
-
-    def pack_ue8m0(scales_inv):
-        if scales_inv.numel() == 0 and scales_inv.size(-1) % reference.UE8M0_PACK == 0:
-            shape = (*scales_inv.shape[:-1], scales_inv.size(-1) // reference.UE8M0_PACK)
-            return torch.zeros(shape, dtype=torch.int32)
-        return original(scales_inv)
-
-    pack_ue8m0.handles_empty = True
-    reference.pack_ue8m0 = pack_ue8m0
-
-
 def property_worker(rank, num_ranks, group_name, examples):
-    _patch_reference()
     ranks = Ranks(rank, num_ranks, group_name)
     return {
         name: ranks.run(name, strategy(num_ranks), body, examples)
