@@ -82,8 +82,11 @@ def get_hidden_bytes(x: torch.Tensor) -> int:
 def get_buffer(group: dist.ProcessGroup, hidden_bytes: int) -> Buffer:
     """The cached ``ep_ops.Buffer`` of ``group``, big enough for ``hidden_bytes`` per token.
 
-    Sized from the default dispatch and combine ``Config`` hints; re-created when a later call
-    needs more bytes than the cached one has. One Buffer per group (Megatron keeps one overall).
+    Sized from the default dispatch and combine ``Config`` hints; re-created (the old one
+    destroyed) when a later call needs more bytes than the cached one has. One Buffer per group
+    (Megatron keeps one overall). On an NCCL group of one host the Buffer registers the group's
+    NVLink buffer, so the ops use the NVLink kernels: compiled code should call this once before
+    compiling, as the forward passes only do it eagerly. Every rank must call it alike.
     """
     group = _group(group)
     num_ranks = group.size()
@@ -92,6 +95,8 @@ def get_buffer(group: dist.ProcessGroup, hidden_bytes: int) -> Buffer:
     num_rdma_bytes = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
     buffer = _buffers.get(group.group_name)
     if buffer is None or buffer.num_nvl_bytes < num_nvl_bytes or buffer.num_rdma_bytes < num_rdma_bytes:
+        if buffer is not None:
+            buffer.destroy()  # releases its hold on the group's NVLink registration
         buffer = Buffer(group, num_nvl_bytes, num_rdma_bytes)
         _buffers[group.group_name] = buffer
     return buffer
@@ -121,7 +126,7 @@ def _touch_buffer(group, x: torch.Tensor) -> None:
 
 def _dispatch(x, token_indices, token_probs, num_experts, group, num_worst_tokens):
     """Layout + dispatch. Returns (recv_x, recv_idx, recv_probs or None, tokens_per_expert,
-    handle, token_probs as float32 or None); differentiable through the ops' autograd."""
+    handle); differentiable wrt x and token_probs through the ops' autograd."""
     group = _group(group)
     if token_probs is not None and token_probs.dtype != torch.float32:
         token_probs = token_probs.float()  # the ops carry float32 weights (DeepEP's rule too)
@@ -359,22 +364,31 @@ def _worst_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> int:
     return group.size() * bound
 
 
-def _check_hybrid_inputs(x, routing_map, probs, num_experts):
+def _raise_everywhere(group, op: str, error: Exception):
+    """Raises ``error`` after joining ``op``'s header exchange with an input the op rejects, so
+    that the other ranks, already inside ``op``, raise too instead of waiting for this rank
+    (the same protocol as ``Buffer``'s own checks). Compiled code checks at trace time."""
+    if not torch.compiler.is_compiling():
+        get_buffer(group, 2)._reject(op)
+    raise error
+
+
+def _hybrid_input_problem(x, routing_map, probs, num_experts) -> str:
     if routing_map.dim() != 2 or routing_map.dtype != torch.bool:
-        raise ValueError(
-            f"hybrid_ep_dispatch: routing_map must be a 2-D bool tensor [num_tokens, num_experts], "
+        return (
+            "routing_map must be a 2-D bool tensor [num_tokens, num_experts], "
             f"got {routing_map.dtype} of shape {tuple(routing_map.shape)}"
         )
+    if x.dim() != 2:
+        return f"x must be 2-D [num_tokens, hidden], got {tuple(x.shape)}"
     if routing_map.size(1) != num_experts or routing_map.size(0) != x.size(0):
-        raise ValueError(
-            f"hybrid_ep_dispatch: routing_map must have shape [{x.size(0)}, {num_experts}] "
+        return (
+            f"routing_map must have shape [{x.size(0)}, {num_experts}] "
             f"(num_tokens, num_local_experts * group size), got {tuple(routing_map.shape)}"
         )
     if probs is not None and probs.shape != routing_map.shape:
-        raise ValueError(
-            f"hybrid_ep_dispatch: probs must have routing_map's shape {tuple(routing_map.shape)}, "
-            f"got {tuple(probs.shape)}"
-        )
+        return f"probs must have routing_map's shape {tuple(routing_map.shape)}, got {tuple(probs.shape)}"
+    return ""
 
 
 def _hybrid_dispatch(x, routing_map, probs, group, num_local_experts, num_permuted_tokens, pad_multiple):
@@ -382,7 +396,9 @@ def _hybrid_dispatch(x, routing_map, probs, group, num_local_experts, num_permut
     group = _group(group)
     num_ranks, rank = group.size(), group.rank()
     num_experts = num_local_experts * num_ranks
-    _check_hybrid_inputs(x, routing_map, probs, num_experts)
+    problem = _hybrid_input_problem(x, routing_map, probs, num_experts)
+    if problem:
+        _raise_everywhere(group, "dispatch", ValueError(f"hybrid_ep_dispatch: {problem}"))
     # The routing travels as a [T, E] "top-E" list: column e names expert e or -1.
     experts = torch.arange(num_experts, device=routing_map.device).expand(routing_map.shape)
     token_indices = torch.where(routing_map, experts, -1)
@@ -418,10 +434,6 @@ def _hybrid_combine(x, handle: HybridEPHandle):
 
 
 def _check_combine_size(x, handle: HybridEPHandle, num_permuted_tokens):
-    if x.dim() != 2:
-        raise ValueError(
-            f"hybrid_ep_combine: x must be 2-D [num_permuted_tokens, hidden], got {tuple(x.shape)}"
-        )
     if torch.compiler.is_compiling():
         # Dynamo needs constant check messages; the sizes may be symbolic here.
         torch._check(
@@ -429,23 +441,26 @@ def _check_combine_size(x, handle: HybridEPHandle, num_permuted_tokens):
             lambda: "hybrid_ep_combine: x must have the row count the dispatch produced",
         )
         return
-    if x.size(0) != handle.slot_pair.size(0):
-        raise ValueError(
-            f"hybrid_ep_combine: x has {x.size(0)} rows, the dispatch produced {handle.slot_pair.size(0)}"
-        )
-    if isinstance(num_permuted_tokens, int) and x.size(0) != num_permuted_tokens:
-        raise ValueError(
-            f"hybrid_ep_combine: x has {x.size(0)} rows but num_permuted_tokens is {num_permuted_tokens}"
-        )
+    problem = ""
+    if x.dim() != 2:
+        problem = f"x must be 2-D [num_permuted_tokens, hidden], got {tuple(x.shape)}"
+    elif x.size(0) != handle.slot_pair.size(0):
+        problem = f"x has {x.size(0)} rows, the dispatch produced {handle.slot_pair.size(0)}"
+    elif isinstance(num_permuted_tokens, int) and x.size(0) != num_permuted_tokens:
+        problem = f"x has {x.size(0)} rows but num_permuted_tokens is {num_permuted_tokens}"
+    if problem:
+        group = dist.distributed_c10d._resolve_process_group(handle.group_name)
+        _raise_everywhere(group, "combine", ValueError(f"hybrid_ep_combine: {problem}"))
 
 
 def _maybe_init_hybrid(group, x, num_local_experts, num_sms_dispatch_api, num_sms_combine_api):
     """Like Megatron: the first dispatch records the sizes when nobody did (eager only)."""
-    if _hybrid_ep_buffer is None and not torch.compiler.is_compiling():
-        num_tokens, hidden_dim = x.shape[-2:]
-        init_hybrid_ep_buffer(
-            group, hidden_dim, num_tokens, num_local_experts, num_sms_dispatch_api, num_sms_combine_api, False
-        )
+    if torch.compiler.is_compiling() or _hybrid_ep_buffer is not None or x.dim() != 2 or x.size(0) == 0:
+        return
+    num_tokens, hidden_dim = x.shape
+    init_hybrid_ep_buffer(
+        group, hidden_dim, num_tokens, num_local_experts, num_sms_dispatch_api, num_sms_combine_api, False
+    )
 
 
 class HybridEPDispatch(torch.autograd.Function):
@@ -560,17 +575,27 @@ def hybrid_ep_dispatch(
     num_sms_combine_api=24,
     num_permuted_tokens=None,
     pad_multiple=None,
+    *,
+    num_blocks_permute=None,
+    num_blocks_unpermute=None,
+    fused=False,
+    fuse_permute=False,
+    num_sms_preprocessing_api=None,
 ):
     """Dispatch + permute (see ``HybridEPDispatch.forward``), differentiable wrt x and probs
     through the ops' own autograd: ``(permuted_x, permuted_probs, None, tokens_per_expert,
-    handle)``."""
+    handle)``. The keyword-only arguments are newer Megatron/NeMo tuning knobs of HybridEP's
+    kernels, accepted and ignored."""
     _maybe_init_hybrid(group, x, num_local_experts, num_sms_dispatch_api, num_sms_combine_api)
     return _hybrid_dispatch(
         x, routing_map, probs, group, num_local_experts, num_permuted_tokens, pad_multiple
     )
 
 
-def hybrid_ep_combine(x, handle, num_permuted_tokens=None, pad_multiple=None):
-    """Unpermute + combine (see ``HybridEPCombine.forward``): ``[T, H]``."""
+def hybrid_ep_combine(
+    x, handle, num_permuted_tokens=None, pad_multiple=None, *, fused=False, fuse_permute=False
+):
+    """Unpermute + combine (see ``HybridEPCombine.forward``): ``[T, H]``. ``fused`` and
+    ``fuse_permute`` (newer Megatron/NeMo) are accepted and ignored."""
     _check_combine_size(x, handle, num_permuted_tokens)
     return _hybrid_combine(x.contiguous(), handle)

@@ -279,10 +279,10 @@ class MoEFlexTokenDispatcher:
         self,
         hidden_states: torch.Tensor,
         probs: torch.Tensor | None = None,
-        async_finish: bool = False,
-        allocate_on_comm_stream: bool = False,
+        async_finish: bool = True,
+        allocate_on_comm_stream: bool = True,
     ):
-        """Moves the rows. Returns (rows this rank's experts need, their probabilities):
+        """Moves the rows (``async_finish`` / ``allocate_on_comm_stream``: no effect). Returns (rows this rank's experts need, their probabilities):
         alltoall: ``[N, H]`` and ``[N, K]``; allgather: ``[R * M, H]`` and ``[R * M, K]``;
         hybridep: already grouped, ``[P, H]`` and ``[P]``."""
         config = self.config
@@ -332,6 +332,19 @@ class MoEFlexTokenDispatcher:
             group = self._rows_per_expert(self.num_tokens)
             pad = config.moe_router_expert_pad_multiple or 1
             num_permuted = self.num_local_experts * (-(-group // pad) * pad)
+            # The worst-token receive of the static path is R * (recorded tokens per rank).
+            recorded = fused_a2a._hybrid_ep_buffer
+            bound = self._max_tokens(self.num_tokens)
+            stale = (
+                recorded is None
+                or recorded.group_name != self.group.group_name
+                or recorded.max_num_of_tokens_per_rank < bound
+            )
+            if stale and not torch.compiler.is_compiling():
+                fused_a2a.init_hybrid_ep_buffer(
+                    self.group, hidden_states.size(1), bound, self.num_local_experts,
+                    config.moe_hybridep_num_sms, config.moe_hybridep_num_sms, False,
+                )  # fmt: skip
         out = fused_a2a.hybrid_ep_dispatch(
             hidden_states, routing_map[:, :num_experts], dense[:, :num_experts], self.group,
             self.num_local_experts, config.moe_hybridep_num_sms, config.moe_hybridep_num_sms,
@@ -388,7 +401,7 @@ class MoEFlexTokenDispatcher:
         return unpermute(hidden_states, self.permute_map)
 
     def combine_all_to_all(
-        self, hidden_states: torch.Tensor, async_finish: bool = False, allocate_on_comm_stream: bool = False
+        self, hidden_states: torch.Tensor, async_finish: bool = True, allocate_on_comm_stream: bool = True
     ) -> torch.Tensor:
         """Sums every token's rows back onto its rank: ``[T, H]``."""
         if self.strategy == "alltoall":

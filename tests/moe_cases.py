@@ -8,11 +8,16 @@ loss ``sum(y * g)`` the gradients are ``dL/dx_t = g_t * sum_k p_tk (e_tk + 1)`` 
 ``dL/dp_tk = (e_tk + 1) * <x_t, g_t>`` (0 for pairs that are not kept).
 """
 
+import functools
+import importlib
 import math
 import time
 import traceback
 
 import torch
+import torch.distributed as dist
+
+from ep_ops.launch import parallel_launch
 
 HIDDEN = 16  # float32, H = 16: the wire rows stay aligned for every K used here
 NUM_EXPERTS = 6  # a multiple of 2 and 3
@@ -114,20 +119,27 @@ def graph_is_static(gm) -> tuple[bool, list]:
         for v in values:
             if isinstance(v, torch.Tensor) and free_unbacked_symbols(v.shape):
                 problems.append(f"{node.name}: unbacked shape {tuple(v.shape)}")
-    return not problems, problems
+    return not problems, problems[:5]
 
 
 def run_cases(cases: dict) -> dict:
-    """Runs each case; a failure is recorded with its traceback so the other cases still run
-    (cases fail alike on every rank: same code, same communication sequence)."""
+    """Runs each case and records its outcome (with the traceback on failure), so one launch
+    reports every case. After a failure the rank stops: its peers may still be inside a
+    collective of the failed case, and they get "connection closed" once this rank exits
+    instead of pairing that collective with a later case's."""
     records = {}
+    failed = None
     for name, run in cases.items():
+        if failed is not None:
+            records[name] = {"ok": False, "error": f"not run: case {failed} failed first on this rank"}
+            continue
         torch._dynamo.reset()
         start = time.perf_counter()
         try:
             records[name] = {"ok": True, **(run() or {})}
         except Exception:
             records[name] = {"ok": False, "error": traceback.format_exc()}
+            failed = name
         records[name]["seconds"] = round(time.perf_counter() - start, 1)
     return records
 
@@ -137,3 +149,43 @@ def check_records(records_by_rank: list, name: str) -> list:
     for rank, record in enumerate(records):
         assert record["ok"], f"rank {rank}, case {name}:\n{record['error']}"
     return records
+
+
+# ----- launching ---------------------------------------------------------------------------------
+
+# The test modules of the MoE integration. Each has eager_cases(rank, world_size, group) and
+# compiled_cases(...), dicts of name -> zero-argument case.
+MODULES = ("test_fused_a2a", "test_token_dispatcher", "test_moe_layer")
+
+
+def suite_worker(rank, world_size, group_name, modules, compiled):
+    """Runs the eager cases of ``modules`` (and their compiled cases when ``compiled``); records
+    are named ``module.case``."""
+    group = dist.group.WORLD
+    cases = {}
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        kinds = (module.eager_cases, module.compiled_cases) if compiled else (module.eager_cases,)
+        for kind in kinds:
+            for name, run in kind(rank, world_size, group).items():
+                cases[f"{module_name}.{name}"] = run
+    return run_cases(cases)
+
+
+@functools.cache
+def three_rank_records() -> list:
+    """The eager cases of every MoE test module on 3 ranks, in one launch shared by the modules
+    (starting 3 ranks costs more than all their eager cases together)."""
+    return parallel_launch(3, suite_worker, MODULES, False, timeout=300)
+
+
+@functools.cache
+def two_rank_records(module_name: str) -> list:
+    """One module's eager and compiled cases on 2 ranks, in one launch."""
+    return parallel_launch(2, suite_worker, (module_name,), True, timeout=500)
+
+
+def records_of(module_name: str, world_size: int, case: str) -> list:
+    """The per-rank records of ``module.case`` (2 or 3 ranks), asserting it passed on every rank."""
+    records = two_rank_records(module_name) if world_size == 2 else three_rank_records()
+    return check_records(records, f"{module_name}.{case}")

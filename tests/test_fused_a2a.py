@@ -6,23 +6,25 @@ and under ``torch.compile(fullgraph=True)``; the HybridEP cases also check the p
 by row against one rebuilt from every rank's routing. Both ways in are checked: the functions
 (built on the ops' autograd) and the ``torch.autograd.Function`` classes (``.apply``).
 
-One launch per world size; the cases loop inside the worker (see moe_cases.run_cases).
+The compiled cases run on 2 ranks: the HybridEP static path under Inductor (and its graph must
+have no host read-back and no unbacked size), the others under ``aot_eager`` (Dynamo and
+AOTAutograd trace them in full; Inductor lowers the same ops in test_moe_layer's training steps),
+which keeps the suite's compile time down. One 2-rank launch for this module; the 3-rank eager
+cases share one launch with the other MoE modules (moe_cases.three_rank_records).
 """
 
 import pytest
 import torch
 import torch._dynamo.testing
-import torch.distributed as dist
 from moe_cases import (
     HIDDEN,
     NUM_EXPERTS,
     analytic,
-    check_records,
     dense_routing,
     graph_is_static,
     max_tokens,
+    records_of,
     routing_of,
-    run_cases,
     scale_by_expert,
     upstream,
 )
@@ -43,7 +45,6 @@ from ep_ops.fused_a2a import (
     reset_hybrid_ep_buffer,
     set_deepep_num_sms,
 )
-from ep_ops.launch import parallel_launch
 
 PAD = 4
 
@@ -222,7 +223,7 @@ def compiled_cases(rank, world_size, group):
         return counter
 
     def fused_functions():
-        counter = compiled(fused_step, idx, weights, False, use_class=False)
+        counter = compiled(fused_step, idx, weights, False, backend="aot_eager", use_class=False)
         return {"graphs": counter.frame_count}
 
     def fused_classes():
@@ -260,41 +261,26 @@ def compiled_cases(rank, world_size, group):
     }
 
 
-def worker(rank, world_size, group_name, compile_cases):
-    group = dist.group.WORLD
-    cases = eager_cases(rank, world_size, group)
-    if compile_cases:
-        cases.update(compiled_cases(rank, world_size, group))
-    return run_cases(cases)
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor_cache")))
-        return {
-            2: parallel_launch(2, worker, True, timeout=400),
-            3: parallel_launch(3, worker, False, timeout=200),
-        }
+MODULE = "test_fused_a2a"
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_fused_dispatch_combine_eager(records, world_size):
-    check_records(records[world_size], "fused")
+def test_fused_dispatch_combine_eager(world_size):
+    records_of(MODULE, world_size, "fused")
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_hybrid_ep_layout_pad_and_static(records, world_size):
-    check_records(records[world_size], "hybrid")
+def test_hybrid_ep_layout_pad_and_static(world_size):
+    records_of(MODULE, world_size, "hybrid")
 
 
 @pytest.mark.parametrize("case", ["fused_functions", "fused_classes", "hybrid_exact_classes"])
-def test_compiled_fullgraph_with_gradients(records, case):
-    for record in check_records(records[2], case):
+def test_compiled_fullgraph_with_gradients(case):
+    for record in records_of(MODULE, 2, case):
         assert record["graphs"] == 1
 
 
-def test_hybrid_static_compiles_without_host_sync(records):
-    for record in check_records(records[2], "hybrid_static"):
+def test_hybrid_static_compiles_without_host_sync():
+    for record in records_of(MODULE, 2, "hybrid_static"):
         assert record["graphs"] == 1
         assert record["static"], record["problems"]

@@ -5,32 +5,31 @@ steps), the analytic scaling experts of tests/moe_cases.py weighted by the permu
 probabilities, and ``token_unpermutation``, then checks the output and the gradients wrt the
 hidden states and the probabilities against the closed form (capacity dropping rebuilt by a
 plain loop). Ranks hold different token counts (one holds none on 3 ranks). The all-gather
-strategy must give what the all-to-all gives. Compiled cases run on 2 ranks.
+strategy must give what the all-to-all gives. Compiled cases run on 2 ranks: the all-gather
+static path under Inductor, the flex paths under ``aot_eager`` (Inductor compiles them in
+test_moe_layer); the static ones must trace without host read-back or unbacked sizes.
 """
 
 import pytest
 import torch
 import torch._dynamo.testing
-import torch.distributed as dist
 from moe_cases import (
     NUM_EXPERTS,
     TOPK,
     analytic,
     capacity_of,
-    check_records,
     dense_routing,
     graph_is_static,
     max_tokens,
+    records_of,
     reference_drop,
     routing_of,
-    run_cases,
     scale_by_expert,
     upstream,
 )
 from torch.testing import assert_close
 
 from ep_ops.gather_scatter import all_gather_v, reduce_scatter_v
-from ep_ops.launch import parallel_launch
 from ep_ops.token_dispatcher import MoEConfig, MoEFlexTokenDispatcher
 
 CAPACITY_FACTOR = 1.0
@@ -141,23 +140,23 @@ def eager_cases(rank, world_size, group):
     def static():
         cap = capacity_of(bound, CAPACITY_FACTOR)
         group_rows = -(-world_size * cap // PAD) * PAD
-        results = {}
-        for strategy in ("flex", "allgather"):
-            results[strategy] = run(
-                {
-                    "moe_token_dispatcher_type": strategy,
-                    "moe_expert_capacity_factor": CAPACITY_FACTOR,
-                    "moe_pad_expert_input_to_capacity": True,
-                    "moe_router_expert_pad_multiple": PAD,
-                    "moe_max_tokens_per_rank": bound,
-                }
-            )
+        static_config = {
+            "moe_expert_capacity_factor": CAPACITY_FACTOR,
+            "moe_pad_expert_input_to_capacity": True,
+            "moe_router_expert_pad_multiple": PAD,
+            "moe_max_tokens_per_rank": bound,
+        }
+        results = {s: run({**static_config, "moe_token_dispatcher_type": s}) for s in ("flex", "allgather")}
+        hybrid = run({**static_config, "moe_flex_dispatcher_backend": "hybridep"})
         dropped_idx, dropped_w = reference_drop(idx, weights, cap)
         for strategy, result in results.items():
             check_analytic(result, x, dropped_idx, dropped_w, g, f"static {strategy}")
             tokens_per_expert, permuted, _ = result[3]
             assert tokens_per_expert.tolist() == [group_rows] * num_local
             assert permuted.shape == (num_local * group_rows, x.size(1))
+        # HybridEP packs the padded groups back to back in the same static row count.
+        check_analytic(hybrid, x, dropped_idx, dropped_w, g, "static hybridep")
+        assert hybrid[3][1].shape == (num_local * group_rows, x.size(1))
         # Every expert receives at most R * capacity pairs, so nothing past the groups is lost.
         assert (
             max(received_counts(rank, world_size, lambda s, i, w: reference_drop(i, w, cap)))
@@ -214,7 +213,7 @@ def compiled_cases(rank, world_size, group):
         return got, {"graphs": counter.frame_count, "static": static, "problems": problems}
 
     def flex_exact():
-        got, record = compiled({"moe_router_expert_pad_multiple": PAD})
+        got, record = compiled({"moe_router_expert_pad_multiple": PAD}, "aot_eager")
         check_analytic(got, x, idx, weights, g, "compiled flex exact")
         return record
 
@@ -233,42 +232,48 @@ def compiled_cases(rank, world_size, group):
 
         return run
 
+    def unused_gather_is_kept():
+        """Rank 1 ignores the gathered rows; a dropped all_gather_v would leave rank 0 waiting."""
+        name = group.group_name
+
+        def fn(x):
+            gathered, _ = all_gather_v(x, bound, name)
+            return x * 2 if rank == 1 else gathered.sum() + x.sum()
+
+        counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+        assert_close(torch.compile(fn, backend=counter, fullgraph=True)(x), fn(x))
+        targets = [n.target for n in counter.graphs[0].graph.nodes if n.op == "call_function"]
+        return {"kept": sum(1 for t in targets if "all_gather_v" in str(t))}
+
     return {
+        "compiled_unused_gather": unused_gather_is_kept,
         "compiled_flex_exact": flex_exact,
-        "compiled_flex_static": static("flex", "inductor"),
-        "compiled_allgather_static": static("allgather", "aot_eager"),
+        "compiled_flex_static": static("flex", "aot_eager"),
+        "compiled_allgather_static": static("allgather", "inductor"),
     }
 
 
-def worker(rank, world_size, group_name, compile_cases):
-    group = dist.group.WORLD
-    cases = eager_cases(rank, world_size, group)
-    if compile_cases:
-        cases.update(compiled_cases(rank, world_size, group))
-    return run_cases(cases)
-
-
-@pytest.fixture(scope="module")
-def records():
-    return {
-        2: parallel_launch(2, worker, True, timeout=400),
-        3: parallel_launch(3, worker, False, timeout=200),
-    }
+MODULE = "test_token_dispatcher"
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("case", ["exact", "capacity", "static", "gather_ops"])
-def test_dispatcher_eager(records, world_size, case):
-    check_records(records[world_size], case)
+def test_dispatcher_eager(world_size, case):
+    records_of(MODULE, world_size, case)
 
 
-def test_compiled_exact_mode(records):
-    for record in check_records(records[2], "compiled_flex_exact"):
+def test_compiled_exact_mode():
+    for record in records_of(MODULE, 2, "compiled_flex_exact"):
         assert record["graphs"] == 1
 
 
 @pytest.mark.parametrize("case", ["compiled_flex_static", "compiled_allgather_static"])
-def test_compiled_static_capacity_has_no_host_sync(records, case):
-    for record in check_records(records[2], case):
+def test_compiled_static_capacity_has_no_host_sync(case):
+    for record in records_of(MODULE, 2, case):
         assert record["graphs"] == 1
         assert record["static"], record["problems"]
+
+
+def test_unused_gather_survives_compilation():
+    for record in records_of(MODULE, 2, "compiled_unused_gather"):
+        assert record["kept"] == 1
