@@ -94,3 +94,17 @@ def assert_same(actual, expected, what: str) -> None:
     if a.numel():
         a, e = (t.contiguous().reshape(-1).view(torch.uint8) for t in (a, e))
     assert torch.equal(a, e), f"{what}: values differ"
+
+
+def expect_error(exc_type, needles, fn, *args, **kwargs) -> str:
+    """``fn(*args, **kwargs)`` must raise exactly ``exc_type`` with every needle in its message;
+    returns the message."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001  (the type is checked below)
+        message = str(error)
+        assert type(error) is exc_type, f"expected {exc_type.__name__}, got {type(error).__name__}: {message}"
+        for needle in needles:
+            assert needle in message, f"{needle!r} not in the message: {message}"
+        return message
+    raise AssertionError(f"expected {exc_type.__name__} containing {needles}, nothing was raised")

@@ -60,7 +60,7 @@ import logging
 
 import pytest
 import torch
-from cases import Case, assert_same, inputs_of
+from cases import Case, assert_same, expect_error, inputs_of
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from ep_ops.launch import parallel_launch
@@ -78,21 +78,6 @@ BOGUS_GROUP = "no_such_group_name"
 # ---------------------------------------------------------------------------------------------
 # helpers (run inside the ranks)
 # ---------------------------------------------------------------------------------------------
-
-
-def expect_error(exc_type, needles, fn, *args, **kwargs) -> str:
-    """``fn(*args, **kwargs)`` must raise exactly ``exc_type`` with every needle in its message."""
-    try:
-        fn(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001  (the type is checked below)
-        message = str(error)
-        assert type(error) is exc_type, (
-            f"expected {exc_type.__name__} containing {needles}, got {type(error).__name__}: {message}"
-        )
-        for needle in needles:
-            assert needle in message, f"{needle!r} not in the message: {message}"
-        return message
-    raise AssertionError(f"expected {exc_type.__name__} containing {needles}, nothing was raised")
 
 
 class Ranks:

@@ -15,7 +15,7 @@ launch of 1 rank (the quick round trip, buffer sizes, lifecycle) and one each of
 import pytest
 import torch
 import torch.distributed as dist
-from cases import Case, assert_same, routing_of
+from cases import Case, assert_same, expect_error, routing_of
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from ep_ops.launch import parallel_launch
@@ -49,19 +49,6 @@ def nvl_bytes(hidden: int, num_ranks: int, element_size: int) -> int:
         Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks),
         Buffer.get_combine_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks),
     )
-
-
-def expect_error(exc_type, needles, fn, *args, **kwargs) -> str:
-    """``fn(*args, **kwargs)`` must raise exactly ``exc_type`` with every needle in its message."""
-    try:
-        fn(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001  (the type is checked below)
-        message = str(error)
-        assert type(error) is exc_type, f"expected {exc_type.__name__}, got {type(error).__name__}: {message}"
-        for needle in needles:
-            assert needle in message, f"{needle!r} not in the message: {message}"
-        return message
-    raise AssertionError(f"expected {exc_type.__name__} containing {needles}, nothing was raised")
 
 
 def assert_same_scales(actual, expected, what: str) -> None:

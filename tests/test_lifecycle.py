@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from cases import assert_same
+from cases import assert_same, expect_error
 
 from ep_ops.launch import free_port, parallel_launch
 
@@ -219,18 +219,6 @@ def ll_step(buffer, seed: int, fp8: bool = False, variant: str = "plain"):
         return finish
     finish()
     return None
-
-
-def expect_error(exc_type, needles, fn, *args, **kwargs) -> str:
-    try:
-        fn(*args, **kwargs)
-    except Exception as error:  # noqa: BLE001  (the type is checked below)
-        message = str(error)
-        assert type(error) is exc_type, f"expected {exc_type.__name__}, got {type(error).__name__}: {message}"
-        for needle in needles:
-            assert needle in message, f"{needle!r} not in the message: {message}"
-        return message
-    raise AssertionError(f"expected {exc_type.__name__} containing {needles}, nothing was raised")
 
 
 # ---------------------------------------------------------------------------------------------
