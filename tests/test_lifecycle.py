@@ -18,8 +18,8 @@ Semantics checked (ep_ops differs from DeepEP on purpose where noted):
   outputs unfilled).
 - A Buffer whose process group was destroyed raises ``ValueError`` naming the group.
 - A process that exits with live Buffers (pending receive hooks included) exits promptly: with
-  status 0 after ``destroy_process_group``; without it, torch's gloo teardown itself may abort
-  (see ``GLOO_EXIT_ABORT``), but nothing hangs.
+  status 0, or torch's own gloo teardown abort (``GLOO_EXIT_ABORT``, mostly when the group was not
+  destroyed); nothing hangs.
 """
 
 import gc
@@ -495,7 +495,7 @@ EXIT_TIMEOUT = 60  # seconds for the whole script: start, import, work and exit 
 # torch's own teardown of a gloo group that was never destroyed sometimes aborts at exit (SIGABRT,
 # this message on stderr), with or without ep_ops: 5 of 40 two-rank runs of a script that only
 # does init_process_group, new_group, all_reduce, all_to_all_single and exits (torch 2.13, CPU);
-# 0 of 20 with destroy_process_group() at the end.
+# 0 of 20 with destroy_process_group() at the end, yet once in a full CI run after it as well.
 GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
@@ -506,8 +506,8 @@ GLOO_EXIT_ABORT = "terminate called without an active exception"
 )
 def test_interpreter_exit_without_destroy(tmp_path, num_ranks, destroy_process_group):
     """Live Buffers (one with explicitly_destroy=True), a receive hook never called: the process
-    exits promptly. Exit status 0, except that without destroy_process_group torch's gloo
-    teardown may abort (GLOO_EXIT_ABORT): what must never happen is a hang."""
+    exits promptly. Exit status 0, except that torch's gloo teardown may abort (GLOO_EXIT_ABORT),
+    mostly without destroy_process_group: what must never happen is a hang or another failure."""
     script = tmp_path / "exit_without_destroy.py"
     script.write_text(
         EXIT_SCRIPT.format(tests=str(Path(__file__).parent), destroy_process_group=destroy_process_group)
@@ -539,7 +539,8 @@ def test_interpreter_exit_without_destroy(tmp_path, num_ranks, destroy_process_g
                 proc.kill()
                 proc.wait()
     for rank, (code, out, err) in enumerate(outcomes):
-        torch_abort = not destroy_process_group and code == -signal.SIGABRT and GLOO_EXIT_ABORT in err
+        # Seen in CI after destroy_process_group too (1 of several runs): torch's abort, not a hang.
+        torch_abort = code == -signal.SIGABRT and GLOO_EXIT_ABORT in err
         assert (code == 0 or torch_abort) and "ready" in out, (
             f"rank {rank}: exit code {code}\nstdout:\n{out}\nstderr:\n{err}"
         )
