@@ -59,4 +59,20 @@ void check_expert_ids(const at::Tensor& topk_idx, int64_t num_experts, const cha
                     "]; they must lie in [0, num_experts=", num_experts, ") or be -1 (none)");
 }
 
+void check_routing(const at::Tensor& x, const std::optional<at::Tensor>& topk_idx,
+                   const std::optional<at::Tensor>& topk_weights,
+                   const at::Tensor& is_token_in_rank, int64_t num_ranks, const char* op) {
+  check_matrix(is_token_in_rank, op, "is_token_in_rank", at::kBool, x.size(0), num_ranks,
+               x.device());
+  if (!topk_idx.has_value()) {
+    TORCH_CHECK_VALUE(!topk_weights.has_value(), "ep_ops.", op, ": topk_weights needs topk_idx");
+    return;
+  }
+  check_matrix(*topk_idx, op, "topk_idx", at::kLong, x.size(0), -1, x.device());
+  if (topk_weights.has_value()) {
+    check_matrix(*topk_weights, op, "topk_weights", at::kFloat, x.size(0), topk_idx->size(1),
+                 x.device());
+  }
+}
+
 }  // namespace ep_ops::collective

@@ -16,6 +16,12 @@ void check_matrix(const at::Tensor& t, const char* op, const char* name, at::Sca
 int64_t check_payload(const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
                       const char* op);
 
+// is_token_in_rank [T, R] bool, and the optional pair topk_idx [T, K] int64 / topk_weights
+// [T, K] float32 (weights need topk_idx), all on x's device.
+void check_routing(const at::Tensor& x, const std::optional<at::Tensor>& topk_idx,
+                   const std::optional<at::Tensor>& topk_weights,
+                   const at::Tensor& is_token_in_rank, int64_t num_ranks, const char* op);
+
 // num_experts > 0 and a multiple of num_ranks; returns experts per rank.
 int64_t check_num_experts(int64_t num_experts, int64_t num_ranks, const char* op);
 

@@ -18,21 +18,6 @@ struct RowLayout {
   int64_t src_at() const { return weights_at() + weights; }
 };
 
-void check_routing(const Tensor& x, const OptTensor& topk_idx, const OptTensor& topk_weights,
-                   const Tensor& is_token_in_rank, int64_t num_ranks, const char* op) {
-  check_matrix(is_token_in_rank, op, "is_token_in_rank", at::kBool, x.size(0), num_ranks,
-               x.device());
-  if (!topk_idx.has_value()) {
-    TORCH_CHECK_VALUE(!topk_weights.has_value(), "ep_ops.", op, ": topk_weights needs topk_idx");
-    return;
-  }
-  check_matrix(*topk_idx, op, "topk_idx", at::kLong, x.size(0), -1, x.device());
-  if (topk_weights.has_value()) {
-    check_matrix(*topk_weights, op, "topk_weights", at::kFloat, x.size(0), topk_idx->size(1),
-                 x.device());
-  }
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(

@@ -19,18 +19,8 @@ void check_dispatch_inputs(const Tensor& x, const OptTensor& x_scales, const Opt
                            const OptTensor& topk_weights, const Tensor& is_token_in_rank,
                            int64_t num_experts, int64_t num_ranks, const char* op) {
   collective::check_payload(x, x_scales, op);
-  collective::check_matrix(is_token_in_rank, op, "is_token_in_rank", at::kBool, x.size(0), num_ranks,
-                           x.device());
-  if (topk_idx.has_value()) {
-    collective::check_matrix(*topk_idx, op, "topk_idx", at::kLong, x.size(0), -1, x.device());
-    collective::check_num_experts(num_experts, num_ranks, op);
-    if (topk_weights.has_value()) {
-      collective::check_matrix(*topk_weights, op, "topk_weights", at::kFloat, x.size(0),
-                               topk_idx->size(1), x.device());
-    }
-  } else {
-    TORCH_CHECK_VALUE(!topk_weights.has_value(), "ep_ops.", op, ": topk_weights needs topk_idx");
-  }
+  collective::check_routing(x, topk_idx, topk_weights, is_token_in_rank, num_ranks, op);
+  if (topk_idx.has_value()) collective::check_num_experts(num_experts, num_ranks, op);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
