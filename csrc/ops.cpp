@@ -45,8 +45,10 @@ TORCH_LIBRARY(ep_ops, m) {
   // The NVLink peer memory of a group (symmetric memory, CUDA only): allocated and exchanged by
   // all ranks of the group at once, outside any graph capture; ep_ops.Buffer calls these.
   m.set_python_module("ep_ops.meta.nvl_buffer");
-  m.def("init_nvl_buffer(Tensor device_hint, str group_name, int num_bytes) -> Tensor");
-  m.def("release_nvl_buffer(Tensor device_hint, str group_name) -> ()");
+  m.def(
+      "init_nvl_buffer(Tensor device_hint, str group_name, int num_bytes, bool low_latency=False) "
+      "-> Tensor");
+  m.def("release_nvl_buffer(Tensor device_hint, str group_name, bool low_latency=False) -> ()");
 
   m.set_python_module("ep_ops.meta.low_latency");
   // Low-latency dispatch into the static [E_local, R*M, H] layout, whole and as send/recv halves.

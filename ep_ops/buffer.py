@@ -10,8 +10,11 @@ tensors), then calls one op; the ops check everything else. Differences from Dee
 - Handles are plain tuples of tensors in ep_ops' own layout (see ``dispatch`` and
   ``low_latency_dispatch``); DeepEP handles are not accepted.
 - ``num_nvl_bytes`` / ``num_rdma_bytes`` are checked against the size hints, so code that sizes
-  its buffers for DeepEP keeps working, but the ops keep their peer-visible memory inside the
-  library; the bytes given here back only ``get_local_buffer_tensor``.
+  its buffers for DeepEP keeps working. On an NCCL group of one host they size the NVLink peer
+  memory of the normal ops (``num_nvl_bytes``) and of the low-latency ops (``num_rdma_bytes``);
+  that memory stays inside the library (``get_local_buffer_tensor`` returns separate scratch).
+- Low-latency rows past ``recv_count`` are unspecified on the NVLink kernels (zero on the
+  collective backend), as in DeepEP.
 """
 
 import contextlib
@@ -21,28 +24,16 @@ import torch
 import torch.distributed as dist
 
 from ep_ops.meta.low_latency import dispatch_outputs
-from ep_ops.meta.wire import combine_row_bytes, dispatch_row_bytes, round_up
 
 from .config import NUM_MAX_TOPK, Config, check_positive_int
 from .event import EventOverlap
-from .nvl import init_nvl_buffer, nvl_usable, release_nvl_buffer
+from .nvl import init_nvl_buffer, ll_bytes_needed, nvl_usable, release_nvl_buffer
 
 DISPATCH_HANDLE_NAMES = ("rank_prefix_matrix", "recv_src_idx", "is_token_in_rank")
 DISPATCH_HANDLE = "(" + ", ".join(DISPATCH_HANDLE_NAMES) + ")"
 LOW_LATENCY_HANDLE = (
     "(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts, recv_token_slots)"
 )
-
-
-def low_latency_bytes(
-    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int
-) -> int:
-    """Wire slabs of the low-latency ops: two alternating buffers, each holding one BF16 dispatch
-    row (the largest format, ``meta/wire.py``) and one BF16 combine row per (source rank, token
-    slot); rounded up to 128 bytes."""
-    rows = num_ranks * num_max_dispatch_tokens_per_rank
-    per_buffer = rows * (dispatch_row_bytes(hidden, num_topk, False) + combine_row_bytes(hidden, False))
-    return round_up(2 * per_buffer, 128)
 
 
 def _group_device(group: dist.ProcessGroup) -> torch.device:
@@ -154,7 +145,8 @@ class Buffer:
             num_nvl_bytes: normal-mode buffer size, at least the ``Config.get_nvl_buffer_size_hint``
                 of the configs used (checked on each dispatch/combine).
             num_rdma_bytes: low-latency buffer size, at least ``get_low_latency_rdma_size_hint``
-                (checked on each low-latency call).
+                (checked on each low-latency call); on an NCCL group of one host it becomes the
+                low-latency NVLink kernels' peer memory (whatever ``low_latency_mode`` says).
             low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl,
                 is_intranode: accepted for DeepEP / UCCL-EP compatibility; ep_ops picks its
                 backend (NVLink kernels or collectives) per group and needs no QPs or proxies.
@@ -197,9 +189,12 @@ class Buffer:
         self._combine_index = 0
         self._destroyed = False
         # The NVLink kernels' peer memory, when this group can use them (ep_ops/nvl.py).
-        self._nvl = None
-        if num_nvl_bytes > 0 and self.device.type == "cuda" and nvl_usable(group):
-            self._nvl = init_nvl_buffer(group, num_nvl_bytes)
+        self._nvl = self._nvl_ll = None
+        if self.device.type == "cuda" and nvl_usable(group):
+            if num_nvl_bytes > 0:
+                self._nvl = init_nvl_buffer(group, num_nvl_bytes)
+            if num_rdma_bytes > 0:
+                self._nvl_ll = init_nvl_buffer(group, num_rdma_bytes, low_latency=True)
 
     # ---------------------------------------------------------------- class-wide settings
 
@@ -231,9 +226,11 @@ class Buffer:
     def get_low_latency_rdma_size_hint(
         num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
     ) -> int:
-        """Minimum ``num_rdma_bytes`` for low-latency calls with these sizes (BF16 rows, top-k up
-        to 32): ``2 * R * M * (dispatch_row_bytes(hidden, 32) + combine_row_bytes(hidden))``,
-        rounded up to 128 bytes. All ranks must use the same ``num_max_dispatch_tokens_per_rank``."""
+        """Minimum ``num_rdma_bytes`` for low-latency calls with these sizes and top-k up to 32:
+        ``ep_ops.nvl.ll_bytes_needed(M, hidden, R, 32)``, i.e. 64 KiB of control words plus two
+        alternating slabs of one row per (source rank, token slot) for dispatch rows, weights and
+        combine partials: per rank, not per expert, so ~130x less than DeepEP's hint for its
+        reference decode workload. All ranks must use the same ``num_max_dispatch_tokens_per_rank``."""
         for name, value in (
             ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank),
             ("hidden", hidden),
@@ -243,7 +240,7 @@ class Buffer:
             check_positive_int(value, name)
         if num_experts % num_ranks != 0:
             raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks ({num_ranks})")
-        return low_latency_bytes(num_max_dispatch_tokens_per_rank, hidden, num_ranks, NUM_MAX_TOPK)
+        return ll_bytes_needed(num_max_dispatch_tokens_per_rank, hidden, num_ranks, NUM_MAX_TOPK)
 
     @staticmethod
     def is_sm90_compiled() -> bool:
@@ -339,6 +336,9 @@ class Buffer:
         if self._nvl is not None:
             release_nvl_buffer(self.group_name)
             self._nvl = None
+        if self._nvl_ll is not None:
+            release_nvl_buffer(self.group_name, low_latency=True)
+            self._nvl_ll = None
         self._destroyed = True
 
     # ---------------------------------------------------------------- normal mode
@@ -615,7 +615,7 @@ class Buffer:
 
             def fill(received) -> None:
                 for out, value in zip(outputs, received, strict=True):
-                    out.copy_(value)
+                    out.set_(value)  # the received tensors become the returned ones, no copy
                 if recv_stats is not None:
                     recv_stats.add_(outputs[2])
 
@@ -710,7 +710,8 @@ class Buffer:
                     recv_partials, topk_idx, hidden, num_experts, num_max, use_logfmt, self.group_name
                 )
 
-            hook = self._once(recv_op, combined_x.copy_, wait_stats)
+            fill = combined_x.copy_ if out is not None else combined_x.set_
+            hook = self._once(recv_op, fill, wait_stats)
         else:
             combined_x = self._timed(lambda: ops.low_latency_combine(*args), wait_stats)
             if out is not None:
@@ -832,7 +833,7 @@ class Buffer:
     ) -> int:
         """Checks the low-latency sizes and num_rdma_bytes; returns E_local."""
         hint = Buffer.get_low_latency_rdma_size_hint(num_max, hidden, self.group_size, num_experts)
-        needed = max(hint, low_latency_bytes(num_max, hidden, self.group_size, num_topk))
+        needed = max(hint, ll_bytes_needed(num_max, hidden, self.group_size, num_topk))
         if self.num_rdma_bytes < needed:
             source = (
                 f"Buffer.get_low_latency_rdma_size_hint({num_max}, {hidden}, {self.group_size}, {num_experts})"

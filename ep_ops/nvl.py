@@ -1,9 +1,11 @@
-"""The NVLink backend's peer memory: one symmetric-memory buffer per process group.
+"""The NVLink backend's peer memory: symmetric-memory buffers per process group.
 
-With a buffer registered for a group, the CUDA dispatch, cached dispatch and combine of that
-group run the NVLink kernels (csrc/cuda/); without one they use the collective backend (NCCL).
-``ep_ops.Buffer`` registers one when built on an NCCL group of one host; code that calls the ops
-directly (compiled graphs) calls :func:`init_nvl_buffer` once, before any capture.
+A group holds up to two: the normal ops' buffer and the low-latency ops' buffer. With one
+registered, the CUDA ops of that kind (dispatch, cached dispatch, combine; or the low-latency
+dispatch and combine and their halves) run the NVLink kernels (csrc/cuda/); without one they use
+the collective backend (NCCL). ``ep_ops.Buffer`` registers them when built on an NCCL group of one
+host (``num_nvl_bytes`` for the normal one, ``num_rdma_bytes`` for the low-latency one); code that
+calls the ops directly (compiled graphs) calls :func:`init_nvl_buffer` once, before any capture.
 """
 
 import os
@@ -13,6 +15,8 @@ import torch.distributed as dist
 
 MAX_NVL_RANKS = 8
 CONTROL_BYTES = 64 * 1024  # csrc/cuda/nvl_buffer.h kControlBytes
+
+from ep_ops.meta.wire import ROW_ALIGN, combine_row_bytes, dispatch_row_bytes, round_up  # noqa: E402
 
 
 def nvl_usable(group: dist.ProcessGroup) -> bool:
@@ -29,18 +33,20 @@ def nvl_usable(group: dist.ProcessGroup) -> bool:
     return all(torch.cuda.can_device_access_peer(me, d) for d in range(torch.cuda.device_count()) if d != me)
 
 
-# group_name -> [local buffer, number of holders]: several Buffers on one group share one
-# registration, released when the last holder releases it. Every rank makes the same calls in
-# the same order, so every rank takes the same branch below.
-_registered: dict[str, list] = {}
+# (group_name, low_latency) -> [local buffer, number of holders]: several Buffers on one group
+# share one registration, released when the last holder releases it. Every rank makes the same
+# calls in the same order, so every rank takes the same branch below.
+_registered: dict[tuple[str, bool], list] = {}
 
 
-def init_nvl_buffer(group: dist.ProcessGroup, num_bytes: int) -> torch.Tensor:
+def init_nvl_buffer(group: dist.ProcessGroup, num_bytes: int, low_latency: bool = False) -> torch.Tensor:
     """Allocates and exchanges the group's NVLink buffer (every rank of the group must call this,
-    in the same order, outside graph capture). Returns the local uint8 tensor; keep it alive and
-    call :func:`release_nvl_buffer` once per call when done. A group that already has a buffer
-    of at least ``num_bytes`` shares it."""
-    held = _registered.get(group.group_name)
+    in the same order, outside graph capture): the low-latency ops' buffer with ``low_latency``,
+    the normal ops' otherwise. Returns the local uint8 tensor; keep it alive and call
+    :func:`release_nvl_buffer` once per call when done. A group that already has a buffer of that
+    kind of at least ``num_bytes`` shares it."""
+    key = (group.group_name, low_latency)
+    held = _registered.get(key)
     if held is not None and held[0].numel() >= num_bytes:
         held[1] += 1
         return held[0]
@@ -53,24 +59,25 @@ def init_nvl_buffer(group: dist.ProcessGroup, num_bytes: int) -> torch.Tensor:
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(group.group_name)
     hint = torch.empty(0, device=torch.device("cuda", torch.cuda.current_device()))
-    local = torch.ops.ep_ops.init_nvl_buffer(hint, group.group_name, num_bytes)
+    local = torch.ops.ep_ops.init_nvl_buffer(hint, group.group_name, num_bytes, low_latency)
     holders = 1 if held is None else held[1] + 1  # a larger buffer replaced the old one
-    _registered[group.group_name] = [local, holders]
+    _registered[key] = [local, holders]
     return local
 
 
-def release_nvl_buffer(group_name: str) -> None:
-    """Drops one hold on the group's buffer; the last one unregisters it (the ops then use the
-    collective backend for that group)."""
-    held = _registered.get(group_name)
+def release_nvl_buffer(group_name: str, low_latency: bool = False) -> None:
+    """Drops one hold on the group's buffer of that kind; the last one unregisters it (those ops
+    then use the collective backend for that group)."""
+    key = (group_name, low_latency)
+    held = _registered.get(key)
     if held is None:
         return
     held[1] -= 1
     if held[1] > 0:
         return
-    del _registered[group_name]
+    del _registered[key]
     hint = torch.empty(0, device=torch.device("cuda", torch.cuda.current_device()))
-    torch.ops.ep_ops.release_nvl_buffer(hint, group_name)
+    torch.ops.ep_ops.release_nvl_buffer(hint, group_name, low_latency)
 
 
 def nvl_bytes_needed(max_recv_rows: int, hidden_bytes: int, num_topk: int, num_scales: int = 0) -> int:
@@ -82,3 +89,16 @@ def nvl_bytes_needed(max_recv_rows: int, hidden_bytes: int, num_topk: int, num_s
 
     row = hidden_bytes + round16(4 * num_scales) + round16(8 * num_topk) + round16(4 * num_topk) + 16
     return CONTROL_BYTES + 2 * max_recv_rows * row
+
+
+def ll_bytes_needed(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int) -> int:
+    """Bytes a low-latency buffer needs (csrc/cuda/ll_layout.h): control words, then two
+    alternating slabs for each of dispatch rows (BF16 format, the larger), top-k weights and
+    combine partials, each slab one row per (source rank, token slot). Rounded up to 128."""
+    rows = num_ranks * num_max_dispatch_tokens_per_rank
+    per_slab_set = rows * (
+        dispatch_row_bytes(hidden, num_topk, False)
+        + round_up(4 * num_topk, ROW_ALIGN)
+        + combine_row_bytes(hidden, False)
+    )
+    return round_up(CONTROL_BYTES + 2 * per_slab_set, 128)

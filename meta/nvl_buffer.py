@@ -7,14 +7,15 @@ from ._checks import check_value
 
 
 @torch.library.register_fake("ep_ops::init_nvl_buffer")
-def init_nvl_buffer(device_hint, group_name, num_bytes):
+def init_nvl_buffer(device_hint, group_name, num_bytes, low_latency=False):
     """Allocates the group's NVLink buffer (symmetric memory) on device_hint's device and
-    exchanges it with every rank of the group. Returns the local ``[num_bytes]`` uint8 tensor."""
+    exchanges it with every rank of the group (the low-latency ops' buffer with low_latency=True,
+    the normal ops' otherwise; a group can hold one of each). Returns the local ``[num_bytes]`` uint8 tensor."""
     check_value(num_bytes > 0, "init_nvl_buffer", f"num_bytes must be positive, got {num_bytes}")
     return device_hint.new_empty((num_bytes,), dtype=torch.uint8)
 
 
 @torch.library.register_fake("ep_ops::release_nvl_buffer")
-def release_nvl_buffer(device_hint, group_name):
-    """Forgets the group's NVLink buffer; the ops fall back to the collective backend."""
+def release_nvl_buffer(device_hint, group_name, low_latency=False):
+    """Forgets the group's NVLink buffer of that kind; those ops fall back to the collective backend."""
     return None

@@ -1,12 +1,70 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: build against its torch, run the GPU suite, then the benchmark.
-# Logs go to $OUT (or ./gpu-logs). Usage: bash scripts/gpu_check.sh [extra bench args]
+# One call on a lent GPU machine: build against its torch, then for each rank count of
+# EP_OPS_RANK_COUNTS that the machine has GPUs for, the GPU suite on that many ranks
+# (EP_OPS_GPU_RANKS=n) and the benchmark (python3 -m ep_ops.bench --ranks n).
+#
+# Usage: bash scripts/gpu_check.sh [extra bench args]
+# Logs go to $OUT (or ./gpu-logs): env.txt, topology.txt, build.log, gpu-tests-ep$n.log,
+# bench-ep$n.log, bench-ep$n.json, and summary.txt (one line per step: status and seconds).
+# Exits non-zero if the build or any step failed.
+#
+# Device time is scarce and one machine call lasts at most 10 minutes, so the environment picks
+# what runs:
+#   EP_OPS_RANK_COUNTS="2 4 8"  rank counts, in order (default "2 4 8"; a count above the
+#                               machine's GPUs is skipped and said so)
+#   GPU_CHECK_SKIP_TESTS=1      no GPU suite
+#   GPU_CHECK_SKIP_BENCH=1      no benchmark
+#   GPU_CHECK_PYTEST_ARGS="..." extra pytest arguments (e.g. "-k nvl -x")
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 out=${OUT:-gpu-logs}
 mkdir -p "$out"
+counts=${EP_OPS_RANK_COUNTS:-2 4 8}
+: > "$out/summary.txt"
+status=0
+
+note() {
+  echo "$*" | tee -a "$out/summary.txt"
+}
+
+# step NAME LOG TAIL CMD...: runs CMD with its output in LOG (the last TAIL lines shown here).
+step() {
+  local name=$1 log=$2 lines=$3
+  shift 3
+  local start=$SECONDS rc
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "$log" | tail -n "$lines"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    status=1
+  fi
+  note "$name: $([ "$rc" -eq 0 ] && echo ok || echo "FAILED (exit $rc)") in $((SECONDS - start)) s"
+}
+
 nvidia-smi topo -m > "$out/topology.txt" 2>&1
 python3 -c 'import torch; print(torch.__version__, torch.cuda.device_count(), torch.cuda.get_device_name(0))' | tee "$out/env.txt"
-MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
-python3 -m pytest -q -m gpu tests/gpu 2>&1 | tee "$out/gpu-tests.log" | tail -5
-python3 -m ep_ops.bench "$@" 2>&1 | tee "$out/bench.log" | tail -40
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+start=$SECONDS
+MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || {
+  tail -40 "$out/build.log"
+  note "build: FAILED in $((SECONDS - start)) s"
+  exit 1
+}
+note "build: ok in $((SECONDS - start)) s"
+
+for n in $counts; do
+  if [ "$n" -gt "$gpus" ]; then
+    note "EP$n: skipped, the machine has $gpus GPUs"
+    continue
+  fi
+  if [ -z "${GPU_CHECK_SKIP_TESTS:-}" ]; then
+    # shellcheck disable=SC2086  # GPU_CHECK_PYTEST_ARGS is a list of words
+    step "EP$n tests" "$out/gpu-tests-ep$n.log" 5 \
+      env EP_OPS_GPU_RANKS="$n" python3 -m pytest -q -m gpu tests/gpu ${GPU_CHECK_PYTEST_ARGS:-}
+  fi
+  if [ -z "${GPU_CHECK_SKIP_BENCH:-}" ]; then
+    step "EP$n bench" "$out/bench-ep$n.log" 40 \
+      python3 -m ep_ops.bench --ranks "$n" "$@" --json "$out/bench-ep$n.json"
+  fi
+done
+exit "$status"

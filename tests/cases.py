@@ -28,6 +28,29 @@ class Case:
         return max(0, self.num_tokens - 3 * rank) if self.num_tokens < 6 else self.num_tokens + rank
 
 
+def fit_worst_tokens(num_worst_tokens: int, case: Case, world_size: int) -> int:
+    """``num_worst_tokens`` doubled until it bounds what one rank can receive at this world size
+    (every token of every rank); 0 (exact mode) stays 0."""
+    most = sum(case.tokens_of(r) for r in range(world_size))
+    while 0 < num_worst_tokens < most:
+        num_worst_tokens *= 2
+    return num_worst_tokens
+
+
+def for_world(case: Case, world_size: int) -> Case:
+    """``case`` made valid on ``world_size`` ranks, unchanged where it already is: the expert
+    count rounded up to a multiple of the ranks (with ``num_topk`` experts on rank 0 for the
+    ``one_rank`` routing), and the worst-token bound grown to fit every token of every rank."""
+    num_experts = case.num_experts
+    per_rank = -(-num_experts // world_size)
+    if case.routing == "one_rank":
+        per_rank = max(per_rank, case.num_topk)
+    if num_experts % world_size or num_experts // world_size < per_rank:
+        num_experts = per_rank * world_size
+    worst = fit_worst_tokens(case.num_worst_tokens, case, world_size)
+    return dataclasses.replace(case, num_experts=num_experts, num_worst_tokens=worst)
+
+
 def routing_of(case: Case, rank: int, world_size: int) -> torch.Tensor:
     """[T, K] int64 expert ids with -1 holes; distinct ids per token."""
     gen = torch.Generator().manual_seed(1000 * case.seed + rank)

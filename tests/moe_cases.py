@@ -25,12 +25,20 @@ TOPK = 2
 TOKENS = {2: (5, 8), 3: (5, 8, 0)}  # tokens per rank: different counts, and an empty rank
 
 
+def token_counts(world_size: int) -> tuple:
+    """Tokens of every rank: TOKENS, or for other group sizes (the GPU suite's 4 and 8 ranks)
+    the 3-rank pattern repeated."""
+    if world_size in TOKENS:
+        return TOKENS[world_size]
+    return tuple(TOKENS[3][r % 3] for r in range(world_size))
+
+
 def tokens_of(rank: int, world_size: int) -> int:
-    return TOKENS[world_size][rank]
+    return token_counts(world_size)[rank]
 
 
 def max_tokens(world_size: int) -> int:
-    return max(TOKENS[world_size])
+    return max(token_counts(world_size))
 
 
 def routing_of(rank: int, world_size: int, seed: int = 0, topk: int = TOPK, num_experts: int = NUM_EXPERTS):

@@ -7,7 +7,12 @@ weights and its shared expert. Modes: exact (all-to-all and all-gather), static 
 (worst-token dispatch, bmm experts) and low-latency decode (bfloat16). Compiled: a training step in
 exact and static mode and an inference decode step (send/recv halves with the shared expert
 between them), all ``fullgraph=True``, on 2 ranks.
+
+The cases take a ``device``: tests/gpu/test_moe_cuda.py runs the compiled training steps on CUDA
+ranks (NCCL, NVLink kernels) against the same references.
 """
+
+import math
 
 import pytest
 import torch
@@ -21,6 +26,7 @@ from moe_cases import (
     max_tokens,
     records_of,
     reference_drop,
+    tokens_of,
 )
 from torch.testing import assert_close
 
@@ -35,40 +41,51 @@ F32_TOL = {"rtol": 1e-4, "atol": 1e-5}
 BF16_TOL = {"rtol": 3e-2, "atol": 3e-2}
 
 
+def num_experts_for(world_size):
+    """NUM_EXPERTS, or the least multiple of it that the group size divides (4 and 8 GPU ranks)."""
+    return math.lcm(NUM_EXPERTS, world_size)
+
+
 def tokens(rank, world_size):
-    num_tokens = {2: (5, 8), 3: (5, 8, 0)}[world_size][rank]
+    """This rank's tokens x and upstream gradient g, both ``[T, HIDDEN]`` float32 on the CPU."""
+    num_tokens = tokens_of(rank, world_size)
     gen = torch.Generator().manual_seed(700 + 10 * world_size + rank)
     return torch.randn(num_tokens, HIDDEN, generator=gen), torch.randn(num_tokens, HIDDEN, generator=gen)
 
 
-def make_layer(group, world_size, mode, **kw):
+def make_layer(group, world_size, mode, *, hidden=HIDDEN, **kw):
     kw.setdefault("shared_ffn_hidden_size", SHARED_FFN)
-    return MoELayer(
-        HIDDEN, FFN, NUM_EXPERTS, TOPK, group, mode=mode, seed=SEED,
-        max_tokens_per_rank=max_tokens(world_size), num_max_dispatch_tokens_per_rank=max_tokens(world_size), **kw,
-    )  # fmt: skip
+    kw.setdefault("max_tokens_per_rank", max_tokens(world_size))
+    kw.setdefault("num_max_dispatch_tokens_per_rank", max_tokens(world_size))
+    return MoELayer(hidden, FFN, num_experts_for(world_size), TOPK, group, mode=mode, seed=SEED, **kw)
 
 
 @torch.enable_grad()
-def dense_reference(layer, world_size, capacity=None):
-    """Output and gradients of every rank's tokens through the dense MoE (float64): returns this
-    rank's (y, grad x, grad router, grad w1 slice, grad w2 slice, grad shared weights)."""
+def dense_reference(layer, world_size, capacity=None, inputs=None):
+    """Output and gradients of every rank's tokens through the dense MoE (float64, on the CPU):
+    returns this rank's (y, grad x, grad router, grad w1 slice, grad w2 slice, grad shared
+    weights). ``inputs``: every rank's (x, g) (default ``tokens(r, world_size)``)."""
     rank = layer.group.rank()
-    w1, w2, router = (t.double().requires_grad_(True) for t in global_weights(NUM_EXPERTS, HIDDEN, FFN, SEED))
+    num_experts, topk = layer.num_experts, layer.topk
+    all_weights = global_weights(num_experts, layer.hidden_size, layer.w1.size(-1), SEED)
+    w1, w2, router = (t.double().requires_grad_(True) for t in all_weights)
     shared = (
-        [lin.weight.detach().double() for lin in (layer.shared[0], layer.shared[2])] if layer.shared else []
+        [lin.weight.detach().double().cpu() for lin in (layer.shared[0], layer.shared[2])]
+        if layer.shared
+        else []
     )
+    if inputs is None:
+        inputs = [tokens(r, world_size) for r in range(world_size)]
     mine = None
-    for r in range(world_size):
-        x, g = tokens(r, world_size)
-        x = x.double().requires_grad_(True)
+    for r, (x, g) in enumerate(inputs):
+        x = x.double().cpu().requires_grad_(True)
         router_r = router.detach().clone().requires_grad_(True)  # every rank has its own replica
         shared_r = [w.clone().requires_grad_(True) for w in shared]
         logits = x @ router_r.t()
-        top, idx = torch.topk(logits, TOPK, dim=-1)
+        top, idx = torch.topk(logits, topk, dim=-1)
         weights = torch.softmax(top, dim=-1)
         if capacity is not None:
-            idx, weights = reference_drop(idx, weights, capacity)
+            idx, weights = reference_drop(idx, weights, capacity, num_experts)
         expert_out = torch.einsum(
             "tkf,tkfh->tkh",
             torch.nn.functional.silu(torch.einsum("th,tkhf->tkf", x, w1[idx.clamp(min=0)])),
@@ -77,7 +94,7 @@ def dense_reference(layer, world_size, capacity=None):
         y = (expert_out * torch.where(idx >= 0, weights, 0.0).unsqueeze(-1)).sum(1)
         if shared_r:
             y = y + torch.nn.functional.silu(x @ shared_r[0].t()) @ shared_r[1].t()
-        (y * g.double()).sum().backward(retain_graph=True)
+        (y * g.double().cpu()).sum().backward(retain_graph=True)
         if r == rank:
             mine = (y.detach(), x, router_r, shared_r)
     y, x, router_r, shared_r = mine
@@ -95,28 +112,34 @@ def layer_grads(layer, x, g, fn=None):
 
 
 def compare(got, want, what, **tol):
+    """Compares two ``layer_grads``/``dense_reference`` tuples on the CPU (either may be on CUDA)."""
     tol = tol or F32_TOL  # the layer computes in float32, the reference in float64
+
+    def cpu(t):
+        return t.detach().double().cpu()
+
     names = ("output", "grad x", "grad router", "grad w1", "grad w2", "grad shared")
     for name, a, b in zip(names, got, want, strict=True):
         if isinstance(a, list):
             for i, (ai, bi) in enumerate(zip(a, b, strict=True)):
-                assert_close(
-                    ai.double(), bi.double(), msg=lambda m, n=name, i=i: f"{what}: {n}[{i}]: {m}", **tol
-                )
+                assert_close(cpu(ai), cpu(bi), msg=lambda m, n=name, i=i: f"{what}: {n}[{i}]: {m}", **tol)
         else:
-            assert_close(a.double(), b.double(), msg=lambda m, n=name: f"{what}: {n}: {m}", **tol)
+            assert_close(cpu(a), cpu(b), msg=lambda m, n=name: f"{what}: {n}: {m}", **tol)
 
 
 # ----- cases -----------------------------------------------------------------------------------
 
 
-def eager_cases(rank, world_size, group):
-    x, g = tokens(rank, world_size)
-    static_capacity = capacity_of(max_tokens(world_size), CAPACITY_FACTOR)
+def eager_cases(rank, world_size, group, device="cpu"):
+    x, g = (t.to(device) for t in tokens(rank, world_size))
+    static_capacity = capacity_of(
+        max_tokens(world_size), CAPACITY_FACTOR, num_experts=num_experts_for(world_size)
+    )
 
     def exact():
         for dispatcher_type in ("flex", "allgather"):
             layer = make_layer(group, world_size, "exact", dispatcher_type=dispatcher_type, pad_multiple=PAD)
+            layer = layer.to(device)
             compare(layer_grads(layer, x, g), dense_reference(layer, world_size), f"exact {dispatcher_type}")
 
     def static():
@@ -128,25 +151,27 @@ def eager_cases(rank, world_size, group):
                 capacity_factor=CAPACITY_FACTOR,
                 pad_multiple=PAD,
                 dispatcher_type=dispatcher_type,
-            )
+            ).to(device)
             want = dense_reference(layer, world_size, capacity=static_capacity)
             compare(layer_grads(layer, x, g), want, f"static {dispatcher_type}")
 
     def low_latency():
-        layer = make_layer(group, world_size, "low_latency")
+        layer = make_layer(group, world_size, "low_latency").to(device)
         compare(layer_grads(layer, x, g), dense_reference(layer, world_size), "low latency", **BF16_TOL)
         with torch.no_grad():  # the send/recv halves with the shared expert between them
-            assert_close(layer(x), dense_reference(layer, world_size)[0].float(), **BF16_TOL)
+            assert_close(layer(x).cpu(), dense_reference(layer, world_size)[0].float(), **BF16_TOL)
 
     return {"exact": exact, "static": static, "low_latency": low_latency}
 
 
-def compiled_cases(rank, world_size, group):
-    x, g = tokens(rank, world_size)
-    static_capacity = capacity_of(max_tokens(world_size), CAPACITY_FACTOR)
+def compiled_cases(rank, world_size, group, device="cpu"):
+    x, g = (t.to(device) for t in tokens(rank, world_size))
+    static_capacity = capacity_of(
+        max_tokens(world_size), CAPACITY_FACTOR, num_experts=num_experts_for(world_size)
+    )
 
     def train(mode, **kw):
-        layer = make_layer(group, world_size, mode, **kw)
+        layer = make_layer(group, world_size, mode, **kw).to(device)
         counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
         compiled = torch.compile(layer, backend=counter, fullgraph=True)
         got = layer_grads(layer, x, g, compiled)
@@ -157,13 +182,13 @@ def compiled_cases(rank, world_size, group):
         return {"graphs": counter.frame_count, "static": static, "problems": problems}
 
     def decode():
-        layer = make_layer(group, world_size, "low_latency")
+        layer = make_layer(group, world_size, "low_latency").to(device)
         counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
         compiled = torch.compile(layer, backend=counter, fullgraph=True)
         with torch.no_grad():
             got, eager = compiled(x), layer(x)
         assert_close(got, eager, **BF16_TOL)
-        assert_close(got, dense_reference(layer, world_size)[0].float(), **BF16_TOL)
+        assert_close(got.cpu(), dense_reference(layer, world_size)[0].float(), **BF16_TOL)
         names = [str(n.target) for n in counter.graphs[0].graph.nodes if n.op == "call_function"]
         order = [
             next(i for i, t in enumerate(names) if op in t)

@@ -57,7 +57,6 @@ void check_low_latency_combine(const at::Tensor& x, const at::Tensor& topk_idx,
   TORCH_CHECK_VALUE(recv_token_slots.device() == x.device(), "ep_ops.", op,
                     ": recv_token_slots must be on ", x.device(), ", got ",
                     recv_token_slots.device());
-  check_expert_ids(topk_idx, x.size(0) * num_ranks, op);
 }
 
 }  // namespace ep_ops::collective

@@ -78,6 +78,7 @@ Tensor send_partials(const Tensor& x, const Tensor& topk_idx, const Tensor& topk
   const int64_t num_ranks = group->getSize();
   auto checked = run_checks([&] {
     check_low_latency_combine(x, topk_idx, topk_weights, recv_token_slots, num_max, num_ranks, op);
+    check_expert_ids(topk_idx, x.size(0) * num_ranks, op);
     TORCH_CHECK_VALUE(!use_logfmt || x.size(2) % wire::kFp8Block == 0, "ep_ops.", op,
                       ": LogFMT hidden size must be a multiple of 128, got ", x.size(2));
   });
@@ -146,6 +147,7 @@ std::tuple<Tensor, Tensor> low_latency_combine_backward(
   const int64_t num_ranks = group->getSize();
   auto checked = run_checks([&] {
     check_low_latency_combine(x, topk_idx, topk_weights, recv_token_slots, num_max, num_ranks, op);
+    check_expert_ids(topk_idx, x.size(0) * num_ranks, op);
     check_matrix(grad_combined_x, op, "grad_combined_x", at::kBFloat16, topk_idx.size(0),
                  x.size(2), x.device());
   });

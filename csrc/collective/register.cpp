@@ -1,6 +1,6 @@
 // The collective backend serves CPU tensors (gloo) and CUDA tensors (NCCL); the code is
-// device-generic. In a CUDA build the ops that have their own GPU kernels (csrc/cuda/) are left
-// out of the CUDA registration here, since one key takes one kernel.
+// device-generic. A CUDA build registers the CUDA key in csrc/cuda/ (which falls back to these
+// functions per call), since one key takes one kernel.
 #include <torch/library.h>
 
 #include "ops.h"
@@ -33,12 +33,12 @@ TORCH_LIBRARY_IMPL(ep_ops, CPU, m) {
   register_low_latency_kernels(m);
 }
 
+#ifndef EP_OPS_WITH_CUDA  // a CUDA build registers its own kernels (csrc/cuda/*register.cpp)
 TORCH_LIBRARY_IMPL(ep_ops, CUDA, m) {
-#ifndef EP_OPS_WITH_CUDA  // a CUDA build registers its own layout and normal-mode kernels
   m.impl("get_dispatch_layout", &get_dispatch_layout);
   register_normal_kernels(m);
-#endif
   register_low_latency_kernels(m);
 }
+#endif
 
 }  // namespace ep_ops::collective

@@ -14,18 +14,22 @@ struct Entry {
   at::Tensor local;  // keeps the allocation alive while registered
   c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> handle;
   PeerView view;
+  int next_slab[4] = {0, 0, 0, 0};  // low-latency buffer: per phase, the slab of the next call
+  int64_t layout_key = -1;          // low-latency buffer: the sizes of the last call
 };
 
+using Key = std::pair<std::string, bool>;  // (group name, low_latency)
+
 std::mutex registry_mutex;
-std::map<std::string, Entry>& registry() {
-  static std::map<std::string, Entry> entries;
+std::map<Key, Entry>& registry() {
+  static std::map<Key, Entry> entries;
   return entries;
 }
 
 }  // namespace
 
 at::Tensor init_nvl_buffer(const at::Tensor& device_hint, const std::string& group_name,
-                           int64_t num_bytes) {
+                           int64_t num_bytes, bool low_latency) {
   const char* op = "init_nvl_buffer";
   TORCH_CHECK_VALUE(device_hint.is_cuda(), "ep_ops.", op, ": device_hint must be a CUDA tensor");
   TORCH_CHECK_VALUE(num_bytes > kControlBytes + 2 * 16, "ep_ops.", op, ": num_bytes (", num_bytes,
@@ -48,22 +52,39 @@ at::Tensor init_nvl_buffer(const at::Tensor& device_hint, const std::string& gro
   view.rank = handle->get_rank();
   view.num_ranks = num_ranks;
   view.region_bytes = (num_bytes - kControlBytes) / 2 / 16 * 16;
+  view.num_bytes = num_bytes;
 
   std::lock_guard<std::mutex> lock(registry_mutex);
-  registry()[group_name] = Entry{local, handle, view};
+  registry()[Key{group_name, low_latency}] = Entry{local, handle, view};
   return local;
 }
 
-void release_nvl_buffer(const at::Tensor&, const std::string& group_name) {
+void release_nvl_buffer(const at::Tensor&, const std::string& group_name, bool low_latency) {
   std::lock_guard<std::mutex> lock(registry_mutex);
-  registry().erase(group_name);
+  registry().erase(Key{group_name, low_latency});
 }
 
 std::optional<PeerView> find_nvl_buffer(const std::string& group_name) {
   std::lock_guard<std::mutex> lock(registry_mutex);
-  auto it = registry().find(group_name);
+  auto it = registry().find(Key{group_name, false});
   if (it == registry().end()) return std::nullopt;
   return it->second.view;
+}
+
+std::optional<LowLatencyBuffer> find_ll_buffer(const std::string& group_name) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto it = registry().find(Key{group_name, true});
+  if (it == registry().end()) return std::nullopt;
+  return LowLatencyBuffer{it->second.view, it->second.local};
+}
+
+LowLatencySlab take_ll_slab(const std::string& group_name, int phase, int64_t layout_key) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto& entry = registry().at(Key{group_name, true});
+  const LowLatencySlab taken{entry.next_slab[phase], entry.layout_key != layout_key};
+  entry.next_slab[phase] ^= 1;
+  entry.layout_key = layout_key;
+  return taken;
 }
 
 }  // namespace ep_ops::cuda

@@ -1,6 +1,7 @@
 // The NVLink peer memory of a group: one symmetric-memory allocation per rank, registered under
 // the group's name when an ep_ops.Buffer is built (never during graph capture), and looked up by
-// the ops. Its layout is the same on every rank:
+// the ops. A group holds up to two: the normal ops' buffer and the low-latency ops' buffer
+// (ll_layout.h has the latter's layout). The normal buffer's layout is the same on every rank:
 //
 //   [0, kControlBytes)            control: flags written by peers, counters kept locally
 //   [kControlBytes, +half)        dispatch rows sent to this rank
@@ -38,7 +39,8 @@ static_assert(sizeof(Control) <= kControlBytes);
 struct PeerView {
   uint8_t* base[kMaxNvlRanks];  // every rank's buffer, mapped into this process
   int rank, num_ranks;
-  int64_t region_bytes;         // bytes of each of the two data regions
+  int64_t region_bytes;         // bytes of each of the two data regions (normal buffer)
+  int64_t num_bytes;            // the whole allocation, the same on every rank
   __host__ __device__ Control* control(int r) const { return reinterpret_cast<Control*>(base[r]); }
   __host__ __device__ uint8_t* dispatch_region(int r) const { return base[r] + kControlBytes; }
   __host__ __device__ uint8_t* combine_region(int r) const {
@@ -46,15 +48,34 @@ struct PeerView {
   }
 };
 
-// Allocates and rendezvous the group's buffer (collective over the group), keeps it in the
-// registry and returns the local tensor. num_bytes covers control and both regions.
+// Allocates and rendezvous the group's buffer of one kind (collective over the group), keeps it
+// in the registry and returns the local tensor. num_bytes covers control and data.
 at::Tensor init_nvl_buffer(const at::Tensor& device_hint, const std::string& group_name,
-                           int64_t num_bytes);
+                           int64_t num_bytes, bool low_latency);
 
 // Drops the registry's reference (the memory goes once the caller's tensor goes too).
-void release_nvl_buffer(const at::Tensor& device_hint, const std::string& group_name);
+void release_nvl_buffer(const at::Tensor& device_hint, const std::string& group_name,
+                        bool low_latency);
 
-// The registered view of the group, if any.
+// The registered view of the group's normal buffer, if any.
 std::optional<PeerView> find_nvl_buffer(const std::string& group_name);
+
+// The group's low-latency buffer: its view and local tensor, if registered.
+struct LowLatencyBuffer {
+  PeerView view;
+  at::Tensor local;
+};
+std::optional<LowLatencyBuffer> find_ll_buffer(const std::string& group_name);
+
+// Where the next low-latency call of the group writes: which of the two alternating slabs of
+// `phase`, and whether the slab offsets moved since the group's last call (they depend on the
+// call's sizes, `layout_key`): then the sender first waits until the peers have read everything
+// it sent before, so that no row lands where a peer is still reading. Every rank makes the same
+// calls, so every rank gets the same answer.
+struct LowLatencySlab {
+  int slab;
+  bool drain;
+};
+LowLatencySlab take_ll_slab(const std::string& group_name, int phase, int64_t layout_key);
 
 }  // namespace ep_ops::cuda

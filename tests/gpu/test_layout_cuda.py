@@ -1,8 +1,11 @@
 """The CUDA layout kernel: bitwise equal to the reference, opcheck on CUDA, and capturable in a
-CUDA graph (no host sync, no allocation by the kernel itself). Needs a GPU."""
+CUDA graph (no host sync, no allocation by the kernel itself). The kernel is local to one GPU, so
+every rank count up to 8 (and beyond) is checked on one; the graph test uses GPU_RANKS
+(EP_OPS_GPU_RANKS, default 2) like the rest of the suite. Needs a GPU."""
 
 import pytest
 import torch
+from gpu_ranks import GPU_RANKS
 
 import ep_ops  # noqa: F401
 from ep_ops.reference import reference_layout
@@ -18,7 +21,16 @@ def random_topk(num_tokens, num_topk, num_experts, seed):
 
 @pytest.mark.parametrize(
     "num_tokens,num_topk,num_experts,num_ranks",
-    [(0, 8, 256, 2), (1, 1, 8, 1), (4096, 8, 256, 2), (4096, 8, 256, 8), (777, 6, 288, 3), (33, 4, 64, 64)],
+    [
+        (0, 8, 256, 2),
+        (1, 1, 8, 1),
+        (4096, 8, 256, 2),
+        (4096, 8, 256, 4),
+        (4096, 8, 256, 8),
+        (128, 8, 288, 8),
+        (777, 6, 288, 3),
+        (33, 4, 64, 64),
+    ],
 )
 def test_layout_matches_reference(num_tokens, num_topk, num_experts, num_ranks):
     topk = random_topk(num_tokens, num_topk, num_experts, seed=num_tokens)
@@ -35,16 +47,17 @@ def test_layout_opcheck_on_cuda():
 
 
 def test_layout_in_a_cuda_graph_follows_the_routing():
-    static_topk = random_topk(512, 8, 256, seed=2).cuda()
-    torch.ops.ep_ops.get_dispatch_layout(static_topk, 256, 2)  # warm up outside capture
+    num_experts = -(-256 // GPU_RANKS) * GPU_RANKS  # 256 on 2, 4 and 8 ranks
+    static_topk = random_topk(512, 8, num_experts, seed=2).cuda()
+    torch.ops.ep_ops.get_dispatch_layout(static_topk, num_experts, GPU_RANKS)  # warm up outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outputs = torch.ops.ep_ops.get_dispatch_layout(static_topk, 256, 2)
+        outputs = torch.ops.ep_ops.get_dispatch_layout(static_topk, num_experts, GPU_RANKS)
     for seed in (3, 4):
-        topk = random_topk(512, 8, 256, seed=seed)
+        topk = random_topk(512, 8, num_experts, seed=seed)
         static_topk.copy_(topk)
         graph.replay()
         torch.cuda.synchronize()
-        for g, e in zip(outputs, reference_layout(topk, 256, 2), strict=True):
+        for g, e in zip(outputs, reference_layout(topk, num_experts, GPU_RANKS), strict=True):
             assert torch.equal(g.cpu(), e)

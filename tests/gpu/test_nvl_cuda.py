@@ -1,40 +1,43 @@
-"""The NVLink kernels (dispatch, cached dispatch, combine) on 2 GPUs of one host: bitwise equal
-to the CPU reference (the same cases as the CPU suite, each run twice), and a captured CUDA
-graph of worst-token dispatch -> expert -> combine that replays correctly while the routing
-changes. Skipped without 2 GPUs."""
+"""The NVLink kernels (dispatch, cached dispatch, combine) on GPU_RANKS GPUs of one host
+(EP_OPS_GPU_RANKS, default 2): bitwise equal to the CPU reference (the CPU suite's cases, made
+valid on GPU_RANKS ranks by ``for_world``, each run twice), and a captured CUDA graph of
+worst-token dispatch -> expert -> combine that replays correctly while the routing changes.
+Skipped without GPU_RANKS GPUs."""
 
 import pytest
 import torch
 import torch.distributed as dist
-from cases import Case, all_inputs
+from cases import Case, all_inputs, fit_worst_tokens, for_world
+from gpu_ranks import GPU_RANKS, needs_gpu_ranks
 from test_ops_vs_reference import NORMAL_CASES, normal_worker
 
 from ep_ops.launch import parallel_launch
 from ep_ops.nvl import init_nvl_buffer, nvl_bytes_needed
 from ep_ops.reference import reference_combine, reference_dispatch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
-]
+pytestmark = [pytest.mark.gpu, needs_gpu_ranks]
 
+# Room for 4096 received rows of up to 8 KiB: above every case below on up to 8 ranks (the
+# largest, the graph test's worst-token bound, is 1024 rows on 8 ranks).
 NVL_BYTES = nvl_bytes_needed(4096, 8 * 1024, 16, 8)
 
 
 def nvl_worker(rank, world_size, group_name):
     buffer = init_nvl_buffer(dist.group.WORLD, NVL_BYTES)
-    normal_worker(rank, world_size, group_name, NORMAL_CASES, "cuda")
+    normal_worker(rank, world_size, group_name, [for_world(c, world_size) for c in NORMAL_CASES], "cuda")
     del buffer
 
 
 def test_nvl_ops_match_reference():
-    parallel_launch(2, nvl_worker, backend="nccl", device="cuda", timeout=300)
+    parallel_launch(GPU_RANKS, nvl_worker, backend="nccl", device="cuda", timeout=300)
 
 
 def graph_worker(rank, world_size, group_name):
     ops = torch.ops.ep_ops
     buffer = init_nvl_buffer(dist.group.WORLD, NVL_BYTES)
-    case = Case(dtype=torch.bfloat16, hidden=256, num_experts=8, num_tokens=64, num_worst_tokens=256)
+    case = for_world(
+        Case(dtype=torch.bfloat16, hidden=256, num_experts=8, num_tokens=64, num_worst_tokens=256), world_size
+    )
     worst = case.num_worst_tokens
     me = all_inputs(case, world_size)[rank]
     static = {k: v.cuda() for k, v in me.items() if v is not None}
@@ -87,7 +90,7 @@ def graph_worker(rank, world_size, group_name):
 
 
 def test_worst_token_graph_replays_with_changing_routing():
-    parallel_launch(2, graph_worker, backend="nccl", device="cuda", timeout=300)
+    parallel_launch(GPU_RANKS, graph_worker, backend="nccl", device="cuda", timeout=300)
 
 
 def opcheck_and_compile_worker(rank, world_size, group_name):
@@ -102,7 +105,7 @@ def opcheck_and_compile_worker(rank, world_size, group_name):
         except Exception as error:
             raise AssertionError(f"opcheck on CUDA failed for {name} on rank {rank}: {error}") from error
 
-    case = Case(dtype=torch.float32, hidden=16, num_experts=4)
+    case = for_world(Case(dtype=torch.float32, hidden=16, num_experts=4), world_size)
     inputs = all_inputs(case, world_size)
     weights = expert_weights(case.num_experts, case.hidden, torch.float32)
     me = {k: v.cuda() for k, v in inputs[rank].items() if v is not None}
@@ -113,7 +116,7 @@ def opcheck_and_compile_worker(rank, world_size, group_name):
         [i["topk_weights"] for i in inputs],
         weights,
     )[rank]
-    for worst in (0, 64):
+    for worst in (0, fit_worst_tokens(64, case, world_size)):
         x = me["x"].clone().requires_grad_()
         args = (
             x,
@@ -136,4 +139,4 @@ def opcheck_and_compile_worker(rank, world_size, group_name):
 
 
 def test_nvl_opcheck_and_fullgraph_compile_on_cuda():
-    parallel_launch(2, opcheck_and_compile_worker, backend="nccl", device="cuda", timeout=500)
+    parallel_launch(GPU_RANKS, opcheck_and_compile_worker, backend="nccl", device="cuda", timeout=500)

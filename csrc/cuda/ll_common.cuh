@@ -1,0 +1,178 @@
+// Block-level building blocks of the low-latency kernels: which ranks a token goes to, a
+// token's slot among this rank's tokens for each destination, a block-wide count scan, and the
+// "last block out" ticket that lets one block signal the peers once every block is done.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+
+#include "ll_layout.h"
+#include "nvl_signals.cuh"
+
+namespace ep_ops::cuda {
+
+constexpr int kLLThreads = 512;
+constexpr int kLLWarps = kLLThreads / 32;
+
+// Bit d set when token t has an expert on rank d. The K ids are loaded together (one memory
+// latency, not K). An expert id outside [-1, num_experts) is a caller bug the host cannot check
+// without a sync: the kernel stops with a message (like PyTorch's device-side index asserts).
+__device__ __forceinline__ uint32_t token_rank_mask(const int64_t* topk_idx, int64_t t, int K,
+                                                    int64_t num_experts, int64_t per_rank) {
+  constexpr int kBatch = 8;
+  uint32_t mask = 0;
+  bool bad = false;
+  for (int k0 = 0; k0 < K; k0 += kBatch) {
+    int64_t ids[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) ids[i] = k0 + i < K ? __ldg(topk_idx + t * K + k0 + i) : -1;
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      bad |= ids[i] < -1 || ids[i] >= num_experts;
+      if (ids[i] >= 0 && ids[i] < num_experts) mask |= 1u << static_cast<int>(ids[i] / per_rank);
+    }
+  }
+  if (bad) {
+    printf("ep_ops: topk_idx row %lld holds an expert id outside [-1, %lld)\n",
+           static_cast<long long>(t), static_cast<long long>(num_experts));
+    __trap();
+  }
+  return mask;
+}
+
+// The warp copies `bytes` (a multiple of 16) in 16-byte units, several loads in flight per lane
+// before their stores (plain loads: the source may have been written by a peer this kernel).
+__device__ __forceinline__ void warp_copy16(void* dst, const void* src, int64_t bytes, int lane) {
+  constexpr int kUnroll = 4;
+  auto* d = static_cast<int4*>(dst);
+  const auto* s = static_cast<const int4*>(src);
+  const int64_t n = bytes / 16;
+  int64_t i = lane;
+  for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = s[i + 32 * u];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) d[i + 32 * u] = v[u];
+  }
+  for (; i < n; i += 32) d[i] = s[i];
+}
+
+// counts[d] (shared, kMaxNvlRanks) = tokens before t bound for rank d: token t's slot in d's
+// block. Called by every thread of the block.
+__device__ inline void slots_before(const int64_t* topk_idx, int t, int K, int64_t num_experts,
+                                    int64_t per_rank, int R, int* counts) {
+  if (threadIdx.x < kMaxNvlRanks) counts[threadIdx.x] = 0;
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  int local[kMaxNvlRanks] = {};
+  for (int first = warp * 32; first < t; first += warps * 32) {  // whole warps iterate alike
+    const int u = first + lane;
+    const uint32_t mask = u < t ? token_rank_mask(topk_idx, u, K, num_experts, per_rank) : 0u;
+#pragma unroll
+    for (int d = 0; d < kMaxNvlRanks; ++d) {
+      if (d < R) local[d] += __popc(__ballot_sync(0xffffffffu, (mask >> d) & 1u));
+    }
+  }
+  if (lane == 0) {
+    for (int d = 0; d < R; ++d) {
+      if (local[d] != 0) atomicAdd(&counts[d], local[d]);
+    }
+  }
+  __syncthreads();
+}
+
+// Exclusive count of `flag` over the block's threads in thread order; *total gets the sum.
+// Called by every thread; `warp_sums` is shared scratch of kLLWarps ints.
+__device__ inline int block_exclusive_count(bool flag, int* warp_sums, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t ballot = __ballot_sync(0xffffffffu, flag);
+  const int before_in_warp = __popc(ballot & ((1u << lane) - 1u));
+  if (lane == 0) warp_sums[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, sum = 0;
+  for (int w = 0; w < kLLWarps; ++w) {
+    if (w < warp) before += warp_sums[w];
+    sum += warp_sums[w];
+  }
+  __syncthreads();  // warp_sums may be reused right after
+  *total = sum;
+  return before + before_in_warp;
+}
+
+// True in exactly one block: the last to finish, which then sees every block's writes (after the
+// block barrier one thread fences for the whole block, as cooperative groups' grid sync does; a
+// fence per thread costs ~10 us over a grid). The ticket goes back to 0 for the next launch.
+__device__ inline bool last_block_done(uint32_t* ticket) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    const uint32_t taken = atomicAdd(ticket, 1u);
+    last = taken == gridDim.x - 1;
+    if (last) {
+      *ticket = 0;
+      __threadfence_system();
+    }
+  }
+  __syncthreads();
+  return last;
+}
+
+// The receiving side: every source's rows for our next read of slab `which` are in.
+__device__ inline void wait_arrivals(LowLatencyControl* mine, int phase, int which,
+                                     uint64_t reads_before, int me, int R, const char* what) {
+  if (threadIdx.x < R) {
+    wait_at_least(&mine->arrivals[phase][which][threadIdx.x], reads_before + 1, me, threadIdx.x,
+                  what);
+  }
+  __syncthreads();
+}
+
+// The sending side: every receiver has read what we sent into slab `which` before.
+__device__ inline void wait_freed(LowLatencyControl* mine, int phase, int which,
+                                  uint64_t sends_before, int me, int R, const char* what) {
+  if (threadIdx.x < R) {
+    wait_at_least(&mine->freed[phase][which][threadIdx.x], sends_before, me, threadIdx.x, what);
+  }
+  __syncthreads();
+}
+
+// The sending side after the slab offsets moved: every receiver has read everything we sent
+// into any slab of any phase (so none is still reading where the new offsets put rows).
+__device__ inline void wait_all_freed(LowLatencyControl* mine, int me, int R) {
+  for (int i = threadIdx.x; i < kLLPhases * 2 * R; i += blockDim.x) {
+    const int phase = i / (2 * R), which = (i / R) % 2, peer = i % R;
+    wait_at_least(&mine->freed[phase][which][peer], mine->sends[phase][which], me, peer,
+                  "low-latency: all slabs freed (sizes changed)");
+  }
+  __syncthreads();
+}
+
+// Last block of a sender: tell every receiver our rows of this send are in.
+__device__ inline void post_arrivals(const PeerView& v, int phase, int which) {
+  LowLatencyControl* mine = ll_control(v.base[v.rank]);
+  const uint64_t sent = mine->sends[phase][which] + 1;
+  __syncthreads();
+  if (threadIdx.x < v.num_ranks) {
+    __threadfence_system();  // this block's own writes (seen through the barrier), before the flag
+    store_release(&ll_control(v.base[threadIdx.x])->arrivals[phase][which][v.rank], sent);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) mine->sends[phase][which] = sent;
+}
+
+// Last block of a receiver: tell every source we are done reading its rows in this slab.
+__device__ inline void post_freed(const PeerView& v, int phase, int which) {
+  LowLatencyControl* mine = ll_control(v.base[v.rank]);
+  const uint64_t read = mine->recvs[phase][which] + 1;
+  __syncthreads();
+  if (threadIdx.x < v.num_ranks) {
+    __threadfence_system();
+    store_release(&ll_control(v.base[threadIdx.x])->freed[phase][which][v.rank], read);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) mine->recvs[phase][which] = read;
+}
+
+}  // namespace ep_ops::cuda

@@ -1,0 +1,44 @@
+// Host entry points of the low-latency NVLink kernels (ll_dispatch.cu, ll_combine.cu). Inputs
+// are checked by the caller (ll_register.cpp); each function launches on the current stream.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../collective/ops.h"
+#include "ll_layout.h"
+#include "nvl_buffer.h"
+
+namespace ep_ops::cuda {
+
+// Contiguous and 16-byte aligned (the kernels move rows in 16-byte vectors); copies if needed.
+inline at::Tensor aligned16(const at::Tensor& t) {
+  auto c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+// Writes this rank's token rows into the peers' dispatch slab `slab`; returns the view of our
+// own slab the peers write into (valid once low_latency_dispatch_recv has waited for them).
+at::Tensor ll_dispatch_send(const LowLatencyBuffer& b, LowLatencySlab slab, const at::Tensor& x,
+                            const at::Tensor& topk_idx, int64_t num_max, int64_t num_experts,
+                            bool use_fp8, bool round_scale);
+
+// Waits for every source's rows in `recv_packed` (our slab `slab`) and lays them out per expert.
+collective::LowLatencyRecv ll_dispatch_recv(const LowLatencyBuffer& b, int slab,
+                                            const at::Tensor& recv_packed, int64_t num_max,
+                                            int64_t hidden, int64_t num_topk, int64_t num_experts,
+                                            bool use_fp8, bool use_ue8m0);
+
+// Sends our tokens' weights to the expert ranks, then our experts' partial sums back to the
+// tokens' ranks; returns the view of our partials slab the peers write into.
+at::Tensor ll_combine_send(const LowLatencyBuffer& b, LowLatencySlab weights_slab,
+                           LowLatencySlab partials_slab,
+                           const at::Tensor& x, const at::Tensor& topk_idx,
+                           const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
+                           int64_t num_max);
+
+// Waits for every rank's partials in `recv_partials` (our slab `slab`) and sums them per token.
+at::Tensor ll_combine_recv(const LowLatencyBuffer& b, int slab, const at::Tensor& recv_partials,
+                           const at::Tensor& topk_idx, int64_t hidden, int64_t num_experts,
+                           int64_t num_max);
+
+}  // namespace ep_ops::cuda
