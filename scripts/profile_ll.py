@@ -30,13 +30,17 @@ def median_us(fn, iters, group, after=None):
     return sorted(times)[len(times) // 2]
 
 
-def worker(rank, world_size, group_name, tokens=128, hidden=7168, topk=8, experts=256):
+def worker(
+    rank, world_size, group_name, tokens=128, hidden=7168, topk=8, experts=256, nowhere=False, profile=True
+):
     ops = torch.ops.ep_ops
     group = dist.group.WORLD
     buffer = init_nvl_buffer(group, ll_bytes_needed(tokens, hidden, world_size, topk), low_latency=True)
     gen = torch.Generator(device="cuda").manual_seed(rank)
     x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
     idx = torch.rand(tokens, experts, device="cuda", generator=gen).topk(topk, dim=1).indices
+    if nowhere:  # no rows move: what the kernels cost beyond the data
+        idx.fill_(-1)
     weights = torch.rand(tokens, topk, device="cuda", generator=gen)
     M, E = tokens, experts
     out = ops.low_latency_dispatch(x, idx, M, E, False, False, False, group_name)
@@ -82,11 +86,14 @@ def worker(rank, world_size, group_name, tokens=128, hidden=7168, topk=8, expert
         replay = median_us(graph.replay, 30, group) / 20
         rows.append((name, eager, replay))
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(20):
-            calls["dispatch FP8"]()
-            calls["combine BF16"]()
-        torch.cuda.synchronize()
+    table = ""
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                calls["dispatch FP8"]()
+                calls["combine BF16"]()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
     torch.cuda.synchronize()
     release_nvl_buffer(group_name, low_latency=True)
     del buffer
@@ -94,11 +101,17 @@ def worker(rank, world_size, group_name, tokens=128, hidden=7168, topk=8, expert
         return None
     lines = [f"{'op':<26}{'eager us':>10}{'graph us':>10}"]
     lines += [f"{n:<26}{e:>10.1f}{g:>10.1f}" for n, e, g in rows]
-    return "\n".join(lines) + "\n\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    return "\n".join(lines) + "\n\n" + table
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--nowhere", action="store_true", help="every top-k id -1: no rows move")
+    parser.add_argument("--no-profile", dest="profile", action="store_false")
     args = parser.parse_args()
-    print(parallel_launch(args.ranks, worker, backend="nccl", device="cuda", timeout=300)[0])
+    print(f"ranks {args.ranks}, tokens {args.tokens}, hidden {args.hidden}, nowhere {args.nowhere}")
+    worker_args = (args.tokens, args.hidden, 8, 256, args.nowhere, args.profile)
+    print(parallel_launch(args.ranks, worker, *worker_args, backend="nccl", device="cuda", timeout=300)[0])

@@ -107,12 +107,12 @@ __device__ inline bool last_block_done(uint32_t* ticket) {
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    fence_system();
     const uint32_t taken = atomicAdd(ticket, 1u);
     last = taken == gridDim.x - 1;
     if (last) {
       *ticket = 0;
-      __threadfence_system();
+      fence_system();
     }
   }
   __syncthreads();
@@ -155,7 +155,7 @@ __device__ inline void post_arrivals(const PeerView& v, int phase, int which) {
   const uint64_t sent = mine->sends[phase][which] + 1;
   __syncthreads();
   if (threadIdx.x < v.num_ranks) {
-    __threadfence_system();  // this block's own writes (seen through the barrier), before the flag
+    fence_system();  // this block's own writes (seen through the barrier), before the flag
     store_release(&ll_control(v.base[threadIdx.x])->arrivals[phase][which][v.rank], sent);
   }
   __syncthreads();
@@ -168,7 +168,7 @@ __device__ inline void post_freed(const PeerView& v, int phase, int which) {
   const uint64_t read = mine->recvs[phase][which] + 1;
   __syncthreads();
   if (threadIdx.x < v.num_ranks) {
-    __threadfence_system();
+    fence_system();
     store_release(&ll_control(v.base[threadIdx.x])->freed[phase][which][v.rank], read);
   }
   __syncthreads();

@@ -81,9 +81,11 @@ __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) 
     warp_copy(dst, a.x + n * a.payload, a.payload, lane);
     if (a.weights) warp_copy_words(dst + a.payload, a.weights + n * a.weight_bytes, a.weight_bytes, lane);
   }
-  __threadfence_system();
   __syncthreads();
-  if (threadIdx.x < R) add_release(&v.control(threadIdx.x)->combine_arrivals[me], 1);
+  if (threadIdx.x < R) {
+    fence_system();  // the block's row writes (seen through the barrier) before the flag
+    add_release(&v.control(threadIdx.x)->combine_arrivals[me], 1);
+  }
 }
 
 struct RecvArgs {
@@ -153,7 +155,7 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
   }
   __syncthreads();
   if (tid == 0) {
-    __threadfence();
+    fence_gpu();
     const uint64_t ticket = atomicAdd(reinterpret_cast<unsigned long long*>(&mine->combine_recv_tickets), 1ULL) + 1;
     if (ticket % kRecvBlocks == 0) {
       for (int d = 0; d < R; ++d) store_release(&v.control(d)->combine_freed[me], cur);

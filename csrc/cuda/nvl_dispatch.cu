@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
     if (tid < R) {
       Control* peer = v.control(tid);
       for (int j = 0; j < R; ++j) peer->counts[me][j] = counts[j];
-      __threadfence_system();
+      fence_system();
       store_release(&peer->counts_ready[me], cur);
       wait_at_least(&mine->counts_ready[tid], cur, me, tid, "dispatch: counts");
     }
@@ -113,9 +113,11 @@ __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) 
       if (lane == 0) *reinterpret_cast<int32_t*>(dst + a.row.src_at()) = t;
     }
   }
-  __threadfence_system();
   __syncthreads();
-  if (threadIdx.x < R) add_release(&v.control(threadIdx.x)->dispatch_arrivals[me], 1);
+  if (threadIdx.x < R) {
+    fence_system();  // the block's row writes (seen through the barrier) before the flag
+    add_release(&v.control(threadIdx.x)->dispatch_arrivals[me], 1);
+  }
 }
 
 struct RecvArgs {
@@ -187,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
   // The last block to finish tells every source that its rows are consumed.
   __syncthreads();
   if (tid == 0) {
-    __threadfence();
+    fence_gpu();
     const uint64_t ticket = atomicAdd(reinterpret_cast<unsigned long long*>(&mine->dispatch_recv_tickets), 1ULL) + 1;
     if (ticket % kRecvBlocks == 0) {
       for (int s = 0; s < R; ++s) store_release(&v.control(s)->dispatch_freed[me], cur);

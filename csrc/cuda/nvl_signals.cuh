@@ -12,6 +12,13 @@ namespace ep_ops::cuda {
 // ~10 s at ~2 GHz: far beyond any healthy wait, short enough that a dead peer ends the job.
 constexpr long long kSpinTimeoutCycles = 20'000'000'000LL;
 
+// Orders this thread's earlier memory operations (and, after a block barrier, those of the whole
+// block) before its later ones, at system or GPU scope. acq_rel rather than sequentially
+// consistent: __threadfence_system() / __threadfence() are fence.sc, which costs far more and which
+// release/acquire flags do not need.
+__device__ __forceinline__ void fence_system() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void fence_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
 __device__ __forceinline__ uint64_t load_acquire(const uint64_t* flag) {
   uint64_t value;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(flag) : "memory");
