@@ -1,23 +1,18 @@
 """Dead and late peers on CPU (gloo): the ranks still waiting raise an error instead of hanging.
 
-Today the only timeout is the process group's: ``init_process_group(timeout=...)``, which
+The timeout is the process group's: ``init_process_group(timeout=...)``, which
 ``parallel_launch`` takes from ``pg_timeout`` (default: the launch's ``timeout``). Each test sets
 a short one; the launch itself has room to spare. A late rank never calls the op (it waits until
 the others have reported, so they see a timeout and not a closed connection); a dead rank exits
 without calling it. Every rank first runs the op once with the others, so the group is known to
 work. The survivors write their outcome to a file (a dead peer makes the launch itself fail).
 
-What the survivors get today (gloo, torch 2.13), recorded by ``test_error_names_peer_and_phase``:
-
-- late peer: ``RuntimeError: [.../gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting
-  10000ms for send operation to complete`` (or "recv"), after the process group's timeout;
-- dead peer: ``RuntimeError: [.../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:PORT:
-  Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the
-  application. ...`` (or ``pair.cc:553] Connection closed by peer [127.0.0.1]:PORT ...``), within
-  ~30 ms.
-
-Neither names the peer's rank, the ep_ops op or its phase (header exchange or data exchange):
-issue 6 asks for both, hence the strict xfail below.
+Every op starts with a header exchange (csrc/collective/process_group.cpp), point to point on
+CPU groups, so the survivors raise an error that names the op, the phase and the missing rank:
+``ep_ops.dispatch: rank 0 timed out in the header exchange ... waiting to hear from rank 1:
+rank 1 has not called ep_ops.dispatch within the process group's timeout ...`` for a late peer,
+``... lost rank 1 in the header exchange ... (has rank 1 died?)`` for a dead one, each followed by
+gloo's own message.
 """
 
 import json
@@ -164,15 +159,17 @@ def test_late_peer_dispatch_raises(late_dispatch):
     check_raised(outcomes, pg_timeout, "late")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 6: the timeout comes from gloo and names neither the peer rank nor the ep_ops op "
-    "and phase; an op-level timeout should",
-)
+def names_peer_and_phase(outcomes: dict, op: str) -> None:
+    for rank, outcome in outcomes.items():
+        message = outcome["message"]
+        assert f"ep_ops.{op}: rank {rank}" in message, message
+        assert f"rank {LATE}" in message.split(":", 1)[1] and "header exchange" in message, message
+
+
 def test_error_names_peer_and_phase(late_dispatch):
     _, outcomes = late_dispatch
-    message = outcomes[0]["message"]
-    assert f"rank {LATE}" in message and "ep_ops.dispatch" in message, message
+    names_peer_and_phase(outcomes, "dispatch")
+    assert f"rank {LATE} has not called ep_ops.dispatch" in outcomes[0]["message"]
 
 
 def test_late_peer_combine_three_ranks(tmp_path):
@@ -180,11 +177,13 @@ def test_late_peer_combine_three_ranks(tmp_path):
     outcomes = run_fault(tmp_path, 3, "combine", "late", pg_timeout=5.0, via_buffer=True)
     assert sorted(outcomes) == [0, 2]
     check_raised(outcomes, 5.0, "late")
+    names_peer_and_phase(outcomes, "combine")
 
 
 def test_late_peer_low_latency_dispatch(tmp_path):
     outcomes = run_fault(tmp_path, 2, "low_latency_dispatch", "late", pg_timeout=5.0, via_buffer=True)
     check_raised(outcomes, 5.0, "late")
+    names_peer_and_phase(outcomes, "low_latency_dispatch")
 
 
 def test_dead_peer_combine(tmp_path):
@@ -192,3 +191,5 @@ def test_dead_peer_combine(tmp_path):
     sees the closed connection)."""
     outcomes = run_fault(tmp_path, 2, "combine", "dead", pg_timeout=5.0)
     check_raised(outcomes, 5.0, "dead")
+    names_peer_and_phase(outcomes, "combine")
+    assert f"has rank {LATE} died?" in outcomes[0]["message"], outcomes[0]["message"]

@@ -3,6 +3,8 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
+#include <algorithm>
+#include <cctype>
 #include <sstream>
 
 namespace ep_ops::collective {
@@ -56,6 +58,63 @@ CheckResult run_checks(const std::function<void()>& checks) {
 
 namespace {
 
+constexpr int kHeaderTag = 0x6570;  // "ep": the headers' point-to-point messages
+
+bool mentions_timeout(const std::string& message) {
+  std::string lower(message);
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  return lower.find("timed out") != std::string::npos || lower.find("timeout") != std::string::npos;
+}
+
+// Waits for a header message with peer `peer`; a failure names the peer and what it means.
+void wait_header(const c10::intrusive_ptr<c10d::Work>& work, const char* op, int64_t me,
+                 int64_t peer, const char* direction) {
+  try {
+    work->wait();
+  } catch (const std::exception& e) {
+    const std::string cause = e.what();
+    if (mentions_timeout(cause)) {
+      TORCH_CHECK(false, "ep_ops.", op, ": rank ", me, " timed out in the header exchange (the ",
+                  "check-in every ep_ops op starts with) waiting to ", direction, " rank ", peer,
+                  ": rank ", peer, " has not called ep_ops.", op, " within the process group's ",
+                  "timeout (is it late, hung, or running other calls?). Cause: ", cause);
+    }
+    TORCH_CHECK(false, "ep_ops.", op, ": rank ", me, " lost rank ", peer, " in the header ",
+                "exchange (the check-in every ep_ops op starts with) while waiting to ", direction,
+                " it: its connection failed (has rank ", peer, " died?). Cause: ", cause);
+  }
+}
+
+// Every rank's header row, [R, width]. CPU groups (gloo) exchange them point to point so that a
+// peer that never arrives, or died, is named in the error; other groups (NCCL: device tensors,
+// where a lost peer ends in the communicator's watchdog) use one all-to-all.
+at::Tensor exchange_header_rows(const Group& group, const char* op, const at::Tensor& row,
+                                const at::Device& device) {
+  const int64_t num_ranks = group->getSize(), me = group->getRank();
+  if (!device.is_cpu()) {
+    auto send = row.unsqueeze(0).expand({num_ranks, row.size(0)}).contiguous().to(device);
+    return all_to_all_equal(group, send).cpu();
+  }
+  auto all = at::empty({num_ranks, row.size(0)}, row.options());
+  all[me].copy_(row);
+  std::vector<c10::intrusive_ptr<c10d::Work>> sends(num_ranks), recvs(num_ranks);
+  std::vector<std::vector<at::Tensor>> send_tensors(num_ranks), recv_tensors(num_ranks);
+  for (int64_t peer = 0; peer < num_ranks; ++peer) {
+    if (peer == me) continue;
+    send_tensors[peer] = {row};
+    recv_tensors[peer] = {all[peer]};
+    sends[peer] = group->send(send_tensors[peer], static_cast<int>(peer), kHeaderTag);
+    recvs[peer] = group->recv(recv_tensors[peer], static_cast<int>(peer), kHeaderTag);
+  }
+  for (int64_t peer = 0; peer < num_ranks; ++peer) {
+    if (peer != me) wait_header(recvs[peer], op, me, peer, "hear from");
+  }
+  for (int64_t peer = 0; peer < num_ranks; ++peer) {
+    if (peer != me) wait_header(sends[peer], op, me, peer, "send to");
+  }
+  return all;
+}
+
 [[noreturn]] void raise(const CheckResult& result) {
   switch (result.kind) {
     case CheckResult::Kind::kValue:
@@ -86,8 +145,7 @@ std::vector<std::vector<int64_t>> exchange_headers(const Group& group, const cha
   }
   // The header travels on the data's device: NCCL groups move only device tensors.
   auto row = at::tensor(mine, at::TensorOptions().dtype(at::kLong));
-  auto send = row.unsqueeze(0).expand({num_ranks, width}).contiguous().to(device);
-  auto all = all_to_all_equal(group, send).cpu();
+  auto all = exchange_header_rows(group, op, row, device);
   auto acc = all.accessor<int64_t, 2>();
 
   if (!local.ok()) raise(local);
