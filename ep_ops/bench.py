@@ -496,6 +496,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed calls per op first (CPU 3, GPU 10)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="include FP8 variants")
+    add_run_options(p)
+    return p.parse_args(argv)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark of the package shares (this one and bench_moe)."""
     p.add_argument(
         "--nvl",
         action=argparse.BooleanOptionalAction,
@@ -505,15 +511,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is killed")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
+def resolve_backend(args: argparse.Namespace) -> tuple[str, str]:
+    """(process-group backend, device): NCCL on CUDA with a GPU per rank, else gloo on CPU."""
     backend = args.backend
     if backend == "auto":
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         backend = "nccl" if gpus >= max(2, args.ranks) else "gloo"
-    device = "cuda" if backend == "nccl" else "cpu"
+    return backend, "cuda" if backend == "nccl" else "cpu"
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    backend, device = resolve_backend(args)
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
     iters, warmup = ITERS[device]
 

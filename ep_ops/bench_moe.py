@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 from ep_ops import nvl
-from ep_ops.bench import Timer, median_times
+from ep_ops.bench import Timer, add_run_options, median_times, resolve_backend
 from ep_ops.launch import parallel_launch
 from ep_ops.moe_layer import MoELayer
 
@@ -303,24 +303,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="inductor",
         help="torch.compile backend (inductor; the others trace without code generation, for tests)",
     )
-    p.add_argument(
-        "--nvl",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="on GPUs of one host, register NVLink buffers so the ops use the NVLink kernels",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is killed")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_run_options(p)
     return p.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    backend = args.backend
-    if backend == "auto":
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        backend = "nccl" if gpus >= max(2, args.ranks) else "gloo"
-    device = "cuda" if backend == "nccl" else "cpu"
+    backend, device = resolve_backend(args)
     defaults = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
     sizes = {
         name: default if getattr(args, name) is None else getattr(args, name)

@@ -86,7 +86,8 @@ def low_latency_dispatch(
         recv_token_slots ``[R, M, K]`` int32: where each received token's k-th expert row sits
         in the flattened ``[E_local * R*M]`` rows (-1 = not on this rank), used by combine.
         Rows of an expert are ordered by source rank, then source token. Rows past recv_count are
-        zero on the collective backend. All sizes static (no data-dependent shape).
+        zero on the collective backend and left unwritten by the NVLink kernels (as in DeepEP).
+        All sizes static (no data-dependent shape).
     """
     op = "low_latency_dispatch"
     num_ranks = world_size(group_name)
@@ -111,7 +112,9 @@ def low_latency_dispatch_send(
 ):
     """Send half of low_latency_dispatch. Returns recv_packed ``[R, M, row_bytes]`` uint8: the
     rows this rank received, one per (source rank, token slot), in the wire format of
-    ``meta/wire.py``; pass it to low_latency_dispatch_recv."""
+    ``meta/wire.py``; pass it to low_latency_dispatch_recv. On the NVLink kernels it is a view of
+    the group's low-latency buffer that the peers are still filling: only the recv half (which
+    waits for them) may read it, and the group's second-next send reuses it."""
     op = "low_latency_dispatch_send"
     num_ranks = world_size(group_name)
     check_tokens(x, topk_idx, num_max_dispatch_tokens_per_rank, op)
@@ -223,7 +226,8 @@ def low_latency_combine_send(
     x, topk_idx, topk_weights, recv_token_slots, num_max_dispatch_tokens_per_rank, use_logfmt, group_name
 ):
     """Send half of low_latency_combine. Returns recv_partials ``[R, M, row_bytes]`` uint8: the
-    partial sums this rank received for its own tokens, one per (expert rank, token slot)."""
+    partial sums this rank received for its own tokens, one per (expert rank, token slot). On the
+    NVLink kernels a view of the group's buffer, as for low_latency_dispatch_send."""
     op = "low_latency_combine_send"
     num_ranks = world_size(group_name)
     check_combine_inputs(
