@@ -40,24 +40,6 @@ __device__ __forceinline__ uint32_t token_rank_mask(const int64_t* topk_idx, int
   return mask;
 }
 
-// The warp copies `bytes` (a multiple of 16) in 16-byte units, several loads in flight per lane
-// before their stores (plain loads: the source may have been written by a peer this kernel).
-__device__ __forceinline__ void warp_copy16(void* dst, const void* src, int64_t bytes, int lane) {
-  constexpr int kUnroll = 4;
-  auto* d = static_cast<int4*>(dst);
-  const auto* s = static_cast<const int4*>(src);
-  const int64_t n = bytes / 16;
-  int64_t i = lane;
-  for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
-    int4 v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = s[i + 32 * u];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) d[i + 32 * u] = v[u];
-  }
-  for (; i < n; i += 32) d[i] = s[i];
-}
-
 // counts[d] (shared, kMaxNvlRanks) = tokens before t bound for rank d: token t's slot in d's
 // block. Called by every thread of the block.
 __device__ inline void slots_before(const int64_t* topk_idx, int t, int K, int64_t num_experts,

@@ -17,6 +17,7 @@
 
 #include "ll_common.cuh"
 #include "ll_ops.h"
+#include "nvl_rows.cuh"
 
 namespace ep_ops::cuda {
 namespace {
@@ -235,8 +236,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(RecvArgs a
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t payload = a.row.payload_bytes();
   for (int pos = warp; pos < total; pos += kLLWarps) {
-    warp_copy16(a.recv_x + (block + pos) * payload, a.slab + row_of[pos] * a.row.bytes(), payload,
-                lane);
+    warp_copy<false>(a.recv_x + (block + pos) * payload, a.slab + row_of[pos] * a.row.bytes(),
+                     payload, lane);
   }
   if (a.use_fp8) copy_scales(a, e, row_of, total);
 

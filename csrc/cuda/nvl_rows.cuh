@@ -22,7 +22,9 @@ struct RowLayout {
 
 // The warp copies `bytes` (a multiple of 16) from src to dst, lanes striding by 16 bytes. Each
 // lane issues kUnroll loads before its stores: a copy is bound by load latency, not bandwidth,
-// unless several loads are in flight.
+// unless several loads are in flight. kReadOnly: the source is an input no one writes during the
+// kernel (read through the non-coherent cache); false for rows a peer wrote this kernel.
+template <bool kReadOnly = true>
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes,
                                           int lane) {
   constexpr int kUnroll = 4;
@@ -33,11 +35,11 @@ __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int6
   for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
     int4 v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = __ldg(s + i + 32 * u);
+    for (int u = 0; u < kUnroll; ++u) v[u] = kReadOnly ? __ldg(s + i + 32 * u) : s[i + 32 * u];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) d[i + 32 * u] = v[u];
   }
-  for (; i < n; i += 32) d[i] = __ldg(s + i);
+  for (; i < n; i += 32) d[i] = kReadOnly ? __ldg(s + i) : s[i];
 }
 
 // The warp copies `bytes` (a multiple of 4) in 4-byte words: for small fields whose source is
