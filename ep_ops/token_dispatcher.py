@@ -232,13 +232,21 @@ class MoEFlexTokenDispatcher:
 
     # ------------------------------------------------------------------ dispatch
 
+    def _reject(self, problem: str):
+        """Raises ``ValueError(problem)``; on the all-to-all paths after joining the dispatch's
+        header exchange with a rejected input, so the other ranks (already in the dispatch)
+        raise too instead of waiting for this one."""
+        error = ValueError(f"MoEFlexTokenDispatcher: {problem}")
+        if self.strategy == "allgather":
+            raise error
+        fused_a2a._raise_everywhere(self.group, "dispatch", error)
+
     def _set_routing(self, hidden_states, num_local_tokens, token_probs, token_indices):
         self.hidden_shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, self.hidden_shape[-1])
         if not torch.compiler.is_compiling() and hidden_states.size(0) != num_local_tokens:
-            raise ValueError(
-                f"MoEFlexTokenDispatcher: hidden_states holds {hidden_states.size(0)} tokens, "
-                f"num_local_tokens is {num_local_tokens}"
+            self._reject(
+                f"hidden_states holds {hidden_states.size(0)} tokens, num_local_tokens is {num_local_tokens}"
             )
         config = self.config
         if token_probs.dtype != torch.float32:
@@ -260,7 +268,13 @@ class MoEFlexTokenDispatcher:
         router probabilities, 0 for unselected experts) into top-k indices and probabilities,
         then applies the capacity. Returns (hidden_states [T, H], token_probs [T, K] float32)."""
         self._reset()
-        probs = probs.reshape(num_local_tokens, self.config.num_moe_experts)
+        num_experts = self.config.num_moe_experts
+        if not torch.compiler.is_compiling() and probs.numel() != num_local_tokens * num_experts:
+            self._reject(
+                f"probs must hold [num_local_tokens, num_moe_experts] = [{num_local_tokens}, "
+                f"{num_experts}] values, got shape {tuple(probs.shape)}"
+            )
+        probs = probs.reshape(num_local_tokens, num_experts)
         token_probs, token_indices = torch.topk(probs, self.config.moe_router_topk, dim=-1)
         if self.config.moe_expert_capacity_factor is not None:
             # Megatron: a zero probability marks a pair the router already dropped.
