@@ -513,6 +513,20 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
+def write_record(path: str, module: str, argv, machine: str, date: str, cfg, **results) -> None:
+    """The run as JSON (``--json``): command, machine, date, torch, config, then ``results``."""
+    record = {
+        "command": " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine,
+        "date": date,
+        "torch": torch.__version__,
+        "config": dataclasses.asdict(cfg),
+        **results,
+    }
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+
+
 def resolve_backend(args: argparse.Namespace) -> tuple[str, str]:
     """(process-group backend, device): NCCL on CUDA with a GPU per rank, else gloo on CPU."""
     backend = args.backend
@@ -588,17 +602,10 @@ def main(argv=None) -> int:
     if failed:
         print(f"\nFAILED checks: {', '.join(failed)}")
     if args.json:
-        record = {
-            "command": " ".join(["python -m ep_ops.bench", *(sys.argv[1:] if argv is None else argv)]),
-            "machine": machine,
-            "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__,
-            "config": dataclasses.asdict(cfg),
-            "checks": checks,
-            "rows": [dataclasses.asdict(row) for row in rows],
-        }
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+        write_record(
+            args.json, "ep_ops.bench", argv, machine, datetime.date.today().isoformat(), cfg,
+            checks=checks, rows=[dataclasses.asdict(row) for row in rows],
+        )  # fmt: skip
     return 1 if failed else 0
 
 

@@ -20,7 +20,6 @@ are rank 0's.
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import sys
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 from ep_ops import nvl
-from ep_ops.bench import Timer, add_run_options, median_times, resolve_backend
+from ep_ops.bench import Timer, add_run_options, median_times, resolve_backend, write_record
 from ep_ops.launch import parallel_launch
 from ep_ops.moe_layer import MoELayer
 
@@ -397,16 +396,10 @@ def main(argv=None) -> int:
             f"check {r.step}: compiled matches eager on every rank: {'PASS' if r.matches_eager else 'FAIL'}"
         )
     if args.json:
-        record = {
-            "command": " ".join(["python -m ep_ops.bench_moe", *(sys.argv[1:] if argv is None else argv)]),
-            "machine": machine,
-            "date": date,
-            "torch": torch.__version__,
-            "config": dataclasses.asdict(cfg),
-            "results": [dataclasses.asdict(r) for r in results],
-        }
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+        write_record(
+            args.json, "ep_ops.bench_moe", argv, machine, date, cfg,
+            results=[dataclasses.asdict(r) for r in results],
+        )  # fmt: skip
     return 1 if failed else 0
 
 
