@@ -36,7 +36,7 @@ struct WeightsArgs {
   const float* topk_weights;  // [T, K]
   int64_t slab_offset, row_bytes;
   int slab;
-  bool drain;
+  int64_t layout_key;
 };
 
 __global__ void __launch_bounds__(kLLThreads) ll_weights_send_kernel(WeightsArgs a) {
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_weights_send_kernel(WeightsArgs
   const int me = a.v.rank, R = a.v.num_ranks, K = a.r.num_topk;
   LowLatencyControl* mine = ll_control(a.v.base[me]);
   const uint64_t sends_before = mine->sends[kLLWeights][a.slab];
-  if (a.drain) wait_all_freed(mine, me, R);
+  wait_all_freed_if_moved(mine, a.layout_key, me, R);
   wait_freed(mine, kLLWeights, a.slab, sends_before, me, R, "low-latency combine: weights freed");
   for (int t = blockIdx.x; t < a.r.num_tokens; t += gridDim.x) {
     slots_before(a.r.topk_idx, t, K, a.r.num_experts, a.r.per_rank, R, slots);
@@ -60,7 +60,10 @@ __global__ void __launch_bounds__(kLLThreads) ll_weights_send_kernel(WeightsArgs
     }
     __syncthreads();
   }
-  if (last_block_done(&mine->send_tickets[kLLWeights])) post_arrivals(a.v, kLLWeights, a.slab);
+  if (last_block_done(&mine->send_tickets[kLLWeights])) {
+    remember_layout(mine, a.layout_key);
+    post_arrivals(a.v, kLLWeights, a.slab);
+  }
 }
 
 struct PartialsArgs {
@@ -207,8 +210,7 @@ int num_sms(int device) {
 
 }  // namespace
 
-at::Tensor ll_combine_send(const LowLatencyBuffer& b, LowLatencySlab weights_slab,
-                           LowLatencySlab partials_slab,
+at::Tensor ll_combine_send(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
                            const at::Tensor& x, const at::Tensor& topk_idx,
                            const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
                            int64_t num_max) {
@@ -228,10 +230,10 @@ at::Tensor ll_combine_send(const LowLatencyBuffer& b, LowLatencySlab weights_sla
   w.v = b.view;
   w.r = routing_of(topk_c, num_max, num_experts, R);
   w.topk_weights = weights_c.data_ptr<float>();
-  w.slab_offset = geometry.offset(kLLWeights, weights_slab.slab);
+  w.slab_offset = geometry.offset(kLLWeights, weights_slab);
   w.row_bytes = geometry.slab[kLLWeights] / geometry.rows;
-  w.slab = weights_slab.slab;
-  w.drain = weights_slab.drain || partials_slab.drain;
+  w.slab = weights_slab;
+  w.layout_key = geometry.key();
   ll_weights_send_kernel<<<std::max(1, w.r.num_tokens), kLLThreads, 0, stream>>>(w);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -244,10 +246,10 @@ at::Tensor ll_combine_send(const LowLatencyBuffer& b, LowLatencySlab weights_sla
   p.hidden = static_cast<int>(hidden);
   p.weights = b.local.data_ptr<uint8_t>() + w.slab_offset;
   p.weights_row = w.row_bytes;
-  p.weights_slab = weights_slab.slab;
-  p.partials_offset = geometry.offset(kLLPartials, partials_slab.slab);
+  p.weights_slab = weights_slab;
+  p.partials_offset = geometry.offset(kLLPartials, partials_slab);
   p.partial_row = wire::combine_row_bytes(hidden, false);
-  p.partials_slab = partials_slab.slab;
+  p.partials_slab = partials_slab;
   const int blocks = static_cast<int>(std::min<int64_t>(geometry.rows, 2 * num_sms(x.get_device())));
   ll_partials_send_kernel<<<blocks, kLLThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -120,15 +120,22 @@ __device__ inline void wait_freed(LowLatencyControl* mine, int phase, int which,
   __syncthreads();
 }
 
-// The sending side after the slab offsets moved: every receiver has read everything we sent
-// into any slab of any phase (so none is still reading where the new offsets put rows).
-__device__ inline void wait_all_freed(LowLatencyControl* mine, int me, int R) {
+// The sending side, when this send's slab layout (`key`) differs from the last send's: every
+// receiver has read everything we sent into any slab of any phase, so that none is still reading
+// where the new offsets put rows. Every block calls it at its start; the last block of the send
+// records the key (remember_layout) after all blocks have read the old one.
+__device__ inline void wait_all_freed_if_moved(LowLatencyControl* mine, int64_t key, int me, int R) {
+  if (mine->layout_key == key) return;
   for (int i = threadIdx.x; i < kLLPhases * 2 * R; i += blockDim.x) {
     const int phase = i / (2 * R), which = (i / R) % 2, peer = i % R;
     wait_at_least(&mine->freed[phase][which][peer], mine->sends[phase][which], me, peer,
                   "low-latency: all slabs freed (sizes changed)");
   }
   __syncthreads();
+}
+
+__device__ inline void remember_layout(LowLatencyControl* mine, int64_t key) {
+  if (threadIdx.x == 0) mine->layout_key = key;
 }
 
 // Last block of a sender: tell every receiver our rows of this send are in.

@@ -28,7 +28,8 @@ struct SendArgs {
   const int64_t* topk_idx;  // [T, K]
   int num_tokens, num_topk, hidden, num_max, slab;
   int64_t num_experts, per_rank, slab_offset;
-  bool use_fp8, round_scale, drain;
+  bool use_fp8, round_scale;
+  int64_t layout_key;
   wire::DispatchRow row;
 };
 
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(SendArgs a
   const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
   LowLatencyControl* mine = ll_control(a.v.base[me]);
   const uint64_t sends_before = mine->sends[kLLDispatch][a.slab];
-  if (a.drain) wait_all_freed(mine, me, R);
+  wait_all_freed_if_moved(mine, a.layout_key, me, R);
   wait_freed(mine, kLLDispatch, a.slab, sends_before, me, R, "low-latency dispatch: slab freed");
 
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
@@ -134,6 +135,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(SendArgs a
     const int d = i / a.num_max, m = i % a.num_max;
     if (m >= slots[d]) *reinterpret_cast<int32_t*>(slab_row(a, d, m) + a.row.src_offset()) = -1;
   }
+  remember_layout(mine, a.layout_key);
   post_arrivals(a.v, kLLDispatch, a.slab);
 }
 
@@ -246,7 +248,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(RecvArgs a
 
 }  // namespace
 
-at::Tensor ll_dispatch_send(const LowLatencyBuffer& b, LowLatencySlab slab, const at::Tensor& x,
+at::Tensor ll_dispatch_send(const LowLatencyBuffer& b, int slab, const at::Tensor& x,
                             const at::Tensor& topk_idx, int64_t num_max, int64_t num_experts,
                             bool use_fp8, bool round_scale) {
   const int64_t R = b.view.num_ranks, K = topk_idx.size(1), hidden = x.size(1);
@@ -263,11 +265,11 @@ at::Tensor ll_dispatch_send(const LowLatencyBuffer& b, LowLatencySlab slab, cons
   a.num_topk = static_cast<int>(K);
   a.hidden = static_cast<int>(hidden);
   a.num_max = static_cast<int>(num_max);
-  a.slab = slab.slab;
-  a.drain = slab.drain;
+  a.slab = slab;
+  a.layout_key = geometry.key();
   a.num_experts = num_experts;
   a.per_rank = num_experts / R;
-  a.slab_offset = geometry.offset(kLLDispatch, slab.slab);
+  a.slab_offset = geometry.offset(kLLDispatch, slab);
   a.use_fp8 = use_fp8;
   a.round_scale = round_scale;
   a.row = row;

@@ -9,7 +9,10 @@
 // Slab sizes are those of the largest format (BF16), so the offsets depend only on (R, M,
 // hidden, top-k), which every rank passes alike. Which slab a call uses is chosen on the host
 // (take_ll_slab) and baked into a captured graph; counters per (phase, slab) on the device keep
-// senders and receivers in step whatever order calls or graph replays come in.
+// senders and receivers in step whatever order calls or graph replays come in. The layout of the
+// last send is kept on the device too: a send whose sizes moved the slabs first waits until the
+// peers have read everything sent before (decided on the device, so graph replays that
+// alternate with calls of other sizes are safe as well).
 #pragma once
 
 #include <cstdint>
@@ -28,6 +31,7 @@ struct LowLatencyControl {
   uint32_t recv_tickets[kLLPhases];              // local: same for the receiving kernel
   uint64_t arrivals[kLLPhases][2][kMaxNvlRanks];  // by source s: its sends into our slab p
   uint64_t freed[kLLPhases][2][kMaxNvlRanks];     // by receiver d: its reads of our rows in slab p
+  int64_t layout_key;                            // local: LowLatencyGeometry::key() of the last send
 };
 static_assert(sizeof(LowLatencyControl) <= kControlBytes);
 

@@ -18,7 +18,7 @@ inline at::Tensor aligned16(const at::Tensor& t) {
 
 // Writes this rank's token rows into the peers' dispatch slab `slab`; returns the view of our
 // own slab the peers write into (valid once low_latency_dispatch_recv has waited for them).
-at::Tensor ll_dispatch_send(const LowLatencyBuffer& b, LowLatencySlab slab, const at::Tensor& x,
+at::Tensor ll_dispatch_send(const LowLatencyBuffer& b, int slab, const at::Tensor& x,
                             const at::Tensor& topk_idx, int64_t num_max, int64_t num_experts,
                             bool use_fp8, bool round_scale);
 
@@ -30,8 +30,7 @@ collective::LowLatencyRecv ll_dispatch_recv(const LowLatencyBuffer& b, int slab,
 
 // Sends our tokens' weights to the expert ranks, then our experts' partial sums back to the
 // tokens' ranks; returns the view of our partials slab the peers write into.
-at::Tensor ll_combine_send(const LowLatencyBuffer& b, LowLatencySlab weights_slab,
-                           LowLatencySlab partials_slab,
+at::Tensor ll_combine_send(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
                            const at::Tensor& x, const at::Tensor& topk_idx,
                            const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
                            int64_t num_max);

@@ -77,8 +77,7 @@ Tensor dispatch_send(const Tensor& x, const Tensor& topk_idx, int64_t num_max, i
   }
   check_dispatch_call(x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
                       b->view.num_ranks, op);
-  const int64_t key = LowLatencyGeometry(b->view.num_ranks, num_max, hidden, num_topk).key();
-  const auto slab = take_ll_slab(group_name, kLLDispatch, key);
+  const int slab = take_ll_slab(group_name, kLLDispatch);
   return ll_dispatch_send(*b, slab, x, topk_idx, num_max, num_experts, use_fp8, round_scale);
 }
 
@@ -132,9 +131,8 @@ Tensor combine_send(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_
   }
   collective::check_low_latency_combine(x, topk_idx, topk_weights, recv_token_slots, num_max,
                                         b->view.num_ranks, op);
-  const int64_t key = LowLatencyGeometry(b->view.num_ranks, num_max, hidden, num_topk).key();
-  const auto weights_slab = take_ll_slab(group_name, kLLWeights, key);
-  const auto partials_slab = take_ll_slab(group_name, kLLPartials, key);
+  const int weights_slab = take_ll_slab(group_name, kLLWeights);
+  const int partials_slab = take_ll_slab(group_name, kLLPartials);
   return ll_combine_send(*b, weights_slab, partials_slab, x, topk_idx, topk_weights,
                          recv_token_slots, num_max);
 }

@@ -15,7 +15,6 @@ struct Entry {
   c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> handle;
   PeerView view;
   int next_slab[4] = {0, 0, 0, 0};  // low-latency buffer: per phase, the slab of the next call
-  int64_t layout_key = -1;          // low-latency buffer: the sizes of the last call
 };
 
 using Key = std::pair<std::string, bool>;  // (group name, low_latency)
@@ -78,12 +77,11 @@ std::optional<LowLatencyBuffer> find_ll_buffer(const std::string& group_name) {
   return LowLatencyBuffer{it->second.view, it->second.local};
 }
 
-LowLatencySlab take_ll_slab(const std::string& group_name, int phase, int64_t layout_key) {
+int take_ll_slab(const std::string& group_name, int phase) {
   std::lock_guard<std::mutex> lock(registry_mutex);
-  auto& entry = registry().at(Key{group_name, true});
-  const LowLatencySlab taken{entry.next_slab[phase], entry.layout_key != layout_key};
-  entry.next_slab[phase] ^= 1;
-  entry.layout_key = layout_key;
+  auto& slab = registry().at(Key{group_name, true}).next_slab[phase];
+  const int taken = slab;
+  slab ^= 1;
   return taken;
 }
 

@@ -67,15 +67,8 @@ struct LowLatencyBuffer {
 };
 std::optional<LowLatencyBuffer> find_ll_buffer(const std::string& group_name);
 
-// Where the next low-latency call of the group writes: which of the two alternating slabs of
-// `phase`, and whether the slab offsets moved since the group's last call (they depend on the
-// call's sizes, `layout_key`): then the sender first waits until the peers have read everything
-// it sent before, so that no row lands where a peer is still reading. Every rank makes the same
-// calls, so every rank gets the same answer.
-struct LowLatencySlab {
-  int slab;
-  bool drain;
-};
-LowLatencySlab take_ll_slab(const std::string& group_name, int phase, int64_t layout_key);
+// Which of the two alternating slabs of `phase` the next low-latency call of the group uses.
+// Every rank makes the same calls, so every rank picks the same slab.
+int take_ll_slab(const std::string& group_name, int phase);
 
 }  // namespace ep_ops::cuda
