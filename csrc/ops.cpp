@@ -46,9 +46,12 @@ TORCH_LIBRARY(ep_ops, m) {
   // all ranks of the group at once, outside any graph capture; ep_ops.Buffer calls these.
   m.set_python_module("ep_ops.meta.nvl_buffer");
   m.def(
-      "init_nvl_buffer(Tensor device_hint, str group_name, int num_bytes, bool low_latency=False) "
-      "-> Tensor");
+      "init_nvl_buffer(Tensor device_hint, str group_name, int num_bytes, bool low_latency=False, "
+      "float timeout_s=100.0) -> Tensor");
   m.def("release_nvl_buffer(Tensor device_hint, str group_name, bool low_latency=False) -> ()");
+  // Raises if a wait on one of the group's NVLink buffers timed out (a peer stopped): the
+  // check every NVLink op makes first, for callers that only replay graphs.
+  m.def("check_nvl_buffers(Tensor device_hint, str group_name) -> ()");
 
   m.set_python_module("ep_ops.meta.low_latency");
   // Low-latency dispatch into the static [E_local, R*M, H] layout, whole and as send/recv halves.

@@ -21,6 +21,7 @@ COMMUNICATION_OPS = (
     "low_latency_combine_backward",
     "init_nvl_buffer",
     "release_nvl_buffer",
+    "check_nvl_buffers",
 )
 
 

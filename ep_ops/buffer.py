@@ -26,7 +26,7 @@ from ._buffer_args import _check_tensor
 from .buffer_low_latency import LowLatencyMethods
 from .config import Config, check_positive_int
 from .event import EventOverlap
-from .nvl import init_nvl_buffer, nvl_usable, release_nvl_buffer
+from .nvl import init_nvl_buffer, nvl_timeout_s, nvl_usable, release_nvl_buffer
 
 DISPATCH_HANDLE_NAMES = ("rank_prefix_matrix", "recv_src_idx", "is_token_in_rank")
 DISPATCH_HANDLE = "(" + ", ".join(DISPATCH_HANDLE_NAMES) + ")"
@@ -106,6 +106,7 @@ class Buffer(LowLatencyMethods):
         is_intranode: bool | None = None,
         *,
         comm=None,
+        timeout_s: float | None = None,
     ) -> None:
         """
         Arguments:
@@ -121,6 +122,10 @@ class Buffer(LowLatencyMethods):
                 backend (NVLink kernels or collectives) per group and needs no QPs or proxies.
             explicitly_destroy: kept for compatibility; ``destroy()`` works either way.
             comm: DeepEP's mpi4py alternative to ``group``; not supported.
+            timeout_s: seconds an NVLink kernel waits for a peer before giving up (default
+                ``EP_OPS_NVL_TIMEOUT_S`` or 100); then the Buffer is unusable and its next call
+                raises, naming the peer and the phase (``ep_ops.nvl.init_nvl_buffer``). The
+                collective backend waits as long as the process group's timeout.
         """
         if comm is not None:
             raise NotImplementedError(
@@ -139,6 +144,7 @@ class Buffer(LowLatencyMethods):
             if value < 0:
                 raise ValueError(f"Buffer: {name} must be >= 0, got {value}")
         check_positive_int(num_qps_per_rank, "num_qps_per_rank")
+        timeout_s = nvl_timeout_s(timeout_s)
 
         self.group = group
         self.group_name = group.group_name
@@ -161,9 +167,9 @@ class Buffer(LowLatencyMethods):
         self._nvl = self._nvl_ll = None
         if self.device.type == "cuda" and nvl_usable(group):
             if num_nvl_bytes > 0:
-                self._nvl = init_nvl_buffer(group, num_nvl_bytes)
+                self._nvl = init_nvl_buffer(group, num_nvl_bytes, timeout_s=timeout_s)
             if num_rdma_bytes > 0:
-                self._nvl_ll = init_nvl_buffer(group, num_rdma_bytes, low_latency=True)
+                self._nvl_ll = init_nvl_buffer(group, num_rdma_bytes, low_latency=True, timeout_s=timeout_s)
 
     # ---------------------------------------------------------------- class-wide settings
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 MAX_NVL_RANKS = 8
 CONTROL_BYTES = 64 * 1024  # csrc/cuda/nvl_buffer.h kControlBytes
+DEFAULT_TIMEOUT_S = 100.0  # as long as DeepEP's kernels wait; EP_OPS_NVL_TIMEOUT_S overrides
 
 from ep_ops.meta.wire import ROW_ALIGN, combine_row_bytes, dispatch_row_bytes, round_up  # noqa: E402
 
@@ -39,12 +40,32 @@ def nvl_usable(group: dist.ProcessGroup) -> bool:
 _registered: dict[tuple[str, bool], list] = {}
 
 
-def init_nvl_buffer(group: dist.ProcessGroup, num_bytes: int, low_latency: bool = False) -> torch.Tensor:
+def nvl_timeout_s(timeout_s: float | None = None) -> float:
+    """The NVLink kernels' wait timeout in seconds: ``timeout_s`` if given, else the environment's
+    ``EP_OPS_NVL_TIMEOUT_S``, else 100. Checked: a positive finite number."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("EP_OPS_NVL_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise TypeError(f"timeout_s must be a number of seconds, got {type(timeout_s).__name__}")
+    if not 0 < timeout_s < 1e6:
+        raise ValueError(f"timeout_s must be a positive number of seconds below 1e6, got {timeout_s}")
+    return float(timeout_s)
+
+
+def init_nvl_buffer(
+    group: dist.ProcessGroup, num_bytes: int, low_latency: bool = False, timeout_s: float | None = None
+) -> torch.Tensor:
     """Allocates and exchanges the group's NVLink buffer (every rank of the group must call this,
     in the same order, outside graph capture): the low-latency ops' buffer with ``low_latency``,
     the normal ops' otherwise. Returns the local uint8 tensor; keep it alive and call
     :func:`release_nvl_buffer` once per call when done. A group that already has a buffer of that
-    kind of at least ``num_bytes`` shares it."""
+    kind of at least ``num_bytes`` shares it (and its timeout).
+
+    ``timeout_s`` (default :func:`nvl_timeout_s`): how long a kernel waits for a peer. When a wait
+    gives up, the kernels of that call stop without touching data, the buffer becomes unusable,
+    and the next op on it (or :func:`check_nvl_buffers`) raises a ``RuntimeError`` naming the
+    rank, the peer and the phase; an exact-mode dispatch raises in the same call."""
+    timeout_s = nvl_timeout_s(timeout_s)
     key = (group.group_name, low_latency)
     held = _registered.get(key)
     if held is not None and held[0].numel() >= num_bytes:
@@ -59,7 +80,7 @@ def init_nvl_buffer(group: dist.ProcessGroup, num_bytes: int, low_latency: bool 
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(group.group_name)
     hint = torch.empty(0, device=torch.device("cuda", torch.cuda.current_device()))
-    local = torch.ops.ep_ops.init_nvl_buffer(hint, group.group_name, num_bytes, low_latency)
+    local = torch.ops.ep_ops.init_nvl_buffer(hint, group.group_name, num_bytes, low_latency, timeout_s)
     holders = 1 if held is None else held[1] + 1  # a larger buffer replaced the old one
     _registered[key] = [local, holders]
     return local
@@ -78,6 +99,17 @@ def release_nvl_buffer(group_name: str, low_latency: bool = False) -> None:
     del _registered[key]
     hint = torch.empty(0, device=torch.device("cuda", torch.cuda.current_device()))
     torch.ops.ep_ops.release_nvl_buffer(hint, group_name, low_latency)
+
+
+def check_nvl_buffers(group: dist.ProcessGroup) -> None:
+    """Raises ``RuntimeError`` (naming the rank, the peer and the phase) if a kernel on one of the
+    group's NVLink buffers gave up waiting for a peer. Every op on the buffers checks this first;
+    code that only replays CUDA graphs calls it between replays (no device sync: the record sits
+    in pinned host memory)."""
+    if not torch.cuda.is_available():
+        return
+    hint = torch.empty(0, device=torch.device("cuda", torch.cuda.current_device()))
+    torch.ops.ep_ops.check_nvl_buffers(hint, group.group_name)
 
 
 def nvl_bytes_needed(max_recv_rows: int, hidden_bytes: int, num_topk: int, num_scales: int = 0) -> int:

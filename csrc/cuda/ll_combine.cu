@@ -44,8 +44,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_weights_send_kernel(WeightsArgs
   const int me = a.v.rank, R = a.v.num_ranks, K = a.r.num_topk;
   LowLatencyControl* mine = ll_control(a.v.base[me]);
   const uint64_t sends_before = mine->sends[kLLWeights][a.slab];
-  wait_all_freed_if_moved(mine, a.layout_key, me, R);
-  wait_freed(mine, kLLWeights, a.slab, sends_before, me, R, "low-latency combine: weights freed");
+  if (!wait_all_freed_if_moved(a.v, a.layout_key)) return;
+  if (!wait_freed(a.v, kLLWeights, a.slab, sends_before, kWaitLowLatencyWeightsFreed)) return;
   for (int t = blockIdx.x; t < a.r.num_tokens; t += gridDim.x) {
     slots_before(a.r.topk_idx, t, K, a.r.num_experts, a.r.per_rank, R, slots);
     const uint32_t mask = token_rank_mask(a.r.topk_idx, t, K, a.r.num_experts, a.r.per_rank);
@@ -86,10 +86,10 @@ __global__ void __launch_bounds__(kLLThreads) ll_partials_send_kernel(PartialsAr
   LowLatencyControl* mine = ll_control(a.v.base[me]);
   const uint64_t reads_before = mine->recvs[kLLWeights][a.weights_slab];
   const uint64_t sends_before = mine->sends[kLLPartials][a.partials_slab];
-  wait_arrivals(mine, kLLWeights, a.weights_slab, reads_before, me, R,
-                "low-latency combine: weights");
-  wait_freed(mine, kLLPartials, a.partials_slab, sends_before, me, R,
-             "low-latency combine: partials freed");
+  if (!wait_arrivals(a.v, kLLWeights, a.weights_slab, reads_before, kWaitLowLatencyWeights) ||
+      !wait_freed(a.v, kLLPartials, a.partials_slab, sends_before, kWaitLowLatencyPartialsFreed)) {
+    return;
+  }
 
   const int vectors = a.hidden / 8;
   for (int j = blockIdx.x; j < R * M; j += gridDim.x) {
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(RecvArgs a)
   const int me = a.v.rank, R = a.v.num_ranks, K = a.r.num_topk;
   LowLatencyControl* mine = ll_control(a.v.base[me]);
   const uint64_t reads_before = mine->recvs[kLLPartials][a.slab];
-  wait_arrivals(mine, kLLPartials, a.slab, reads_before, me, R, "low-latency combine: partials");
+  if (!wait_arrivals(a.v, kLLPartials, a.slab, reads_before, kWaitLowLatencyPartials)) return;
   const int vectors = a.hidden / 8;
   for (int t = blockIdx.x; t < a.r.num_tokens; t += gridDim.x) {
     slots_before(a.r.topk_idx, t, K, a.r.num_experts, a.r.per_rank, R, slots);

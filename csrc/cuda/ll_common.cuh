@@ -101,37 +101,44 @@ __device__ inline bool last_block_done(uint32_t* ticket) {
   return last;
 }
 
-// The receiving side: every source's rows for our next read of slab `which` are in.
-__device__ inline void wait_arrivals(LowLatencyControl* mine, int phase, int which,
-                                     uint64_t reads_before, int me, int R, const char* what) {
-  if (threadIdx.x < R) {
-    wait_at_least(&mine->arrivals[phase][which][threadIdx.x], reads_before + 1, me, threadIdx.x,
-                  what);
-  }
-  __syncthreads();
+// The receiving side: every source's rows for our next read of slab `which` are in. Every
+// thread of the block calls; false: a wait gave up (the watchdog tripped), return at once.
+__device__ inline bool wait_arrivals(const PeerView& v, int phase, int which,
+                                     uint64_t reads_before, WaitPhase what) {
+  const int me = v.rank;
+  const LowLatencyControl* mine = ll_control(v.base[me]);
+  const bool ok = threadIdx.x >= v.num_ranks ||
+                  wait_at_least(v.watchdog, &mine->arrivals[phase][which][threadIdx.x],
+                                reads_before + 1, me, threadIdx.x, what);
+  return block_waits_ok(v.watchdog, ok);
 }
 
 // The sending side: every receiver has read what we sent into slab `which` before.
-__device__ inline void wait_freed(LowLatencyControl* mine, int phase, int which,
-                                  uint64_t sends_before, int me, int R, const char* what) {
-  if (threadIdx.x < R) {
-    wait_at_least(&mine->freed[phase][which][threadIdx.x], sends_before, me, threadIdx.x, what);
-  }
-  __syncthreads();
+__device__ inline bool wait_freed(const PeerView& v, int phase, int which, uint64_t sends_before,
+                                  WaitPhase what) {
+  const int me = v.rank;
+  const LowLatencyControl* mine = ll_control(v.base[me]);
+  const bool ok = threadIdx.x >= v.num_ranks ||
+                  wait_at_least(v.watchdog, &mine->freed[phase][which][threadIdx.x], sends_before,
+                                me, threadIdx.x, what);
+  return block_waits_ok(v.watchdog, ok);
 }
 
 // The sending side, when this send's slab layout (`key`) differs from the last send's: every
 // receiver has read everything we sent into any slab of any phase, so that none is still reading
 // where the new offsets put rows. Every block calls it at its start; the last block of the send
 // records the key (remember_layout) after all blocks have read the old one.
-__device__ inline void wait_all_freed_if_moved(LowLatencyControl* mine, int64_t key, int me, int R) {
-  if (mine->layout_key == key) return;
+__device__ inline bool wait_all_freed_if_moved(const PeerView& v, int64_t key) {
+  const int me = v.rank, R = v.num_ranks;
+  const LowLatencyControl* mine = ll_control(v.base[me]);
+  if (mine->layout_key == key) return true;
+  bool ok = true;
   for (int i = threadIdx.x; i < kLLPhases * 2 * R; i += blockDim.x) {
     const int phase = i / (2 * R), which = (i / R) % 2, peer = i % R;
-    wait_at_least(&mine->freed[phase][which][peer], mine->sends[phase][which], me, peer,
-                  "low-latency: all slabs freed (sizes changed)");
+    ok = ok && wait_at_least(v.watchdog, &mine->freed[phase][which][peer],
+                             mine->sends[phase][which], me, peer, kWaitLowLatencyAllFreed);
   }
-  __syncthreads();
+  return block_waits_ok(v.watchdog, ok);
 }
 
 __device__ inline void remember_layout(LowLatencyControl* mine, int64_t key) {

@@ -105,8 +105,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(SendArgs a
   const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
   LowLatencyControl* mine = ll_control(a.v.base[me]);
   const uint64_t sends_before = mine->sends[kLLDispatch][a.slab];
-  wait_all_freed_if_moved(mine, a.layout_key, me, R);
-  wait_freed(mine, kLLDispatch, a.slab, sends_before, me, R, "low-latency dispatch: slab freed");
+  if (!wait_all_freed_if_moved(a.v, a.layout_key)) return;
+  if (!wait_freed(a.v, kLLDispatch, a.slab, sends_before, kWaitLowLatencyDispatchFreed)) return;
 
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
     slots_before(a.topk_idx, t, K, a.num_experts, a.per_rank, R, slots);
@@ -190,8 +190,9 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(RecvArgs a
   const int64_t expert = a.first_expert + e;
   LowLatencyControl* mine = ll_control(a.v.base[me]);
   const uint64_t reads_before = mine->recvs[kLLDispatch][a.slab_index];
-  wait_arrivals(mine, kLLDispatch, a.slab_index, reads_before, me, R,
-                "low-latency dispatch: rows");
+  if (!wait_arrivals(a.v, kLLDispatch, a.slab_index, reads_before, kWaitLowLatencyDispatchRows)) {
+    return;
+  }
 
   int total = 0;
   for (int first = 0; first < RM; first += blockDim.x) {

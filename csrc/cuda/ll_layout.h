@@ -33,7 +33,7 @@ struct LowLatencyControl {
   uint64_t freed[kLLPhases][2][kMaxNvlRanks];     // by receiver d: its reads of our rows in slab p
   int64_t layout_key;                            // local: LowLatencyGeometry::key() of the last send
 };
-static_assert(sizeof(LowLatencyControl) <= kControlBytes);
+static_assert(sizeof(LowLatencyControl) <= kControlBytes - kTrippedOffsetFromControlEnd);
 
 // Host side: where each slab starts.
 struct LowLatencyGeometry {

@@ -28,6 +28,7 @@ std::optional<LowLatencyBuffer> nvl_buffer_for(const std::string& group_name, in
       b->view.num_ranks * num_max > kMaxLLRows) {
     return std::nullopt;
   }
+  check_watchdog(b->view, op);
   const LowLatencyGeometry geometry(b->view.num_ranks, num_max, hidden, num_topk);
   TORCH_CHECK_VALUE(geometry.total_bytes() <= b->view.num_bytes, "ep_ops.", op,
                     ": the group's low-latency NVLink buffer holds ", b->view.num_bytes,

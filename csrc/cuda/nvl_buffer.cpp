@@ -1,18 +1,32 @@
 #include "nvl_buffer.h"
 
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/symm_mem/SymmetricMemory.hpp>
 
+#include <cmath>
 #include <map>
+#include <memory>
 #include <mutex>
 
 namespace ep_ops::cuda {
 namespace {
 
+// The watchdog's record: pinned host memory the device writes through its mapping.
+// cudaFreeHost waits for the device, so no kernel still writes it when it goes.
+std::shared_ptr<WaitFailure> make_wait_failure_record() {
+  void* host = nullptr;
+  C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(WaitFailure), cudaHostAllocMapped | cudaHostAllocPortable));
+  *static_cast<WaitFailure*>(host) = WaitFailure{};
+  return std::shared_ptr<WaitFailure>(static_cast<WaitFailure*>(host),
+                                      [](WaitFailure* p) { cudaFreeHost(p); });
+}
+
 struct Entry {
   at::Tensor local;  // keeps the allocation alive while registered
   c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> handle;
+  std::shared_ptr<WaitFailure> wait_failure;
   PeerView view;
   int next_slab[4] = {0, 0, 0, 0};  // low-latency buffer: per phase, the slab of the next call
 };
@@ -28,8 +42,10 @@ std::map<Key, Entry>& registry() {
 }  // namespace
 
 at::Tensor init_nvl_buffer(const at::Tensor& device_hint, const std::string& group_name,
-                           int64_t num_bytes, bool low_latency) {
+                           int64_t num_bytes, bool low_latency, double timeout_s) {
   const char* op = "init_nvl_buffer";
+  TORCH_CHECK_VALUE(std::isfinite(timeout_s) && timeout_s > 0 && timeout_s < 1e6, "ep_ops.", op,
+                    ": timeout_s must be a positive number of seconds below 1e6, got ", timeout_s);
   TORCH_CHECK_VALUE(device_hint.is_cuda(), "ep_ops.", op, ": device_hint must be a CUDA tensor");
   TORCH_CHECK_VALUE(num_bytes > kControlBytes + 2 * 16, "ep_ops.", op, ": num_bytes (", num_bytes,
                     ") must exceed the ", kControlBytes, " control bytes");
@@ -52,15 +68,37 @@ at::Tensor init_nvl_buffer(const at::Tensor& device_hint, const std::string& gro
   view.num_ranks = num_ranks;
   view.region_bytes = (num_bytes - kControlBytes) / 2 / 16 * 16;
   view.num_bytes = num_bytes;
+  auto wait_failure = make_wait_failure_record();
+  void* record_on_device = nullptr;
+  C10_CUDA_CHECK(cudaHostGetDevicePointer(&record_on_device, wait_failure.get(), 0));
+  view.watchdog.tripped = reinterpret_cast<uint32_t*>(view.base[view.rank] + kControlBytes -
+                                                      kTrippedOffsetFromControlEnd);
+  view.watchdog.record = static_cast<WaitFailure*>(record_on_device);
+  view.watchdog.host_record = wait_failure.get();
+  view.watchdog.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
 
   std::lock_guard<std::mutex> lock(registry_mutex);
-  registry()[Key{group_name, low_latency}] = Entry{local, handle, view};
+  registry()[Key{group_name, low_latency}] = Entry{local, handle, wait_failure, view};
   return local;
 }
 
 void release_nvl_buffer(const at::Tensor&, const std::string& group_name, bool low_latency) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   registry().erase(Key{group_name, low_latency});
+}
+
+void check_watchdog(const PeerView& v, const char* op) {
+  const volatile WaitFailure* record = v.watchdog.host_record;
+  if (record->failed == 0) return;
+  const int peer = record->peer;
+  TORCH_CHECK(false, "ep_ops.", op, ": the group's NVLink buffer is unusable: rank ",
+              record->rank, " waited ",
+              static_cast<double>(record->waited_ns) * 1e-9, " s for rank ", peer, " (",
+              wait_phase_name(record->phase), ", counter ", record->target,
+              ") and gave up at its timeout of ", static_cast<double>(v.watchdog.timeout_ns) * 1e-9,
+              " s. The outputs of that call and of every call on the buffer since are invalid. Has rank ",
+              peer, " died, or is it not making the same ep_ops calls? Destroy the Buffer on every ",
+              "rank; go on only with a new process group and a new Buffer.");
 }
 
 std::optional<PeerView> find_nvl_buffer(const std::string& group_name) {

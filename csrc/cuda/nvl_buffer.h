@@ -15,6 +15,8 @@
 #include <optional>
 #include <string>
 
+#include "nvl_watchdog.h"
+
 namespace ep_ops::cuda {
 
 constexpr int kMaxNvlRanks = 8;
@@ -33,7 +35,7 @@ struct Control {
   uint64_t combine_freed[kMaxNvlRanks];
   int32_t counts[kMaxNvlRanks][kMaxNvlRanks];     // counts[s][d]: tokens source s sends to d
 };
-static_assert(sizeof(Control) <= kControlBytes);
+static_assert(sizeof(Control) <= kControlBytes - kTrippedOffsetFromControlEnd);
 
 // Device-side view handed to kernels by value.
 struct PeerView {
@@ -41,6 +43,7 @@ struct PeerView {
   int rank, num_ranks;
   int64_t region_bytes;         // bytes of each of the two data regions (normal buffer)
   int64_t num_bytes;            // the whole allocation, the same on every rank
+  Watchdog watchdog;            // what a timed-out wait trips (nvl_watchdog.h)
   __host__ __device__ Control* control(int r) const { return reinterpret_cast<Control*>(base[r]); }
   __host__ __device__ uint8_t* dispatch_region(int r) const { return base[r] + kControlBytes; }
   __host__ __device__ uint8_t* combine_region(int r) const {
@@ -50,12 +53,17 @@ struct PeerView {
 
 // Allocates and rendezvous the group's buffer of one kind (collective over the group), keeps it
 // in the registry and returns the local tensor. num_bytes covers control and data.
+// A wait gives up after `timeout_s` seconds (nvl_watchdog.h).
 at::Tensor init_nvl_buffer(const at::Tensor& device_hint, const std::string& group_name,
-                           int64_t num_bytes, bool low_latency);
+                           int64_t num_bytes, bool low_latency, double timeout_s);
 
 // Drops the registry's reference (the memory goes once the caller's tensor goes too).
 void release_nvl_buffer(const at::Tensor& device_hint, const std::string& group_name,
                         bool low_latency);
+
+// Throws (naming `op`, the ranks and the phase) when a wait on the buffer of `v` timed out in an
+// earlier call: the buffer is unusable from then on. Reads pinned memory, no sync.
+void check_watchdog(const PeerView& v, const char* op);
 
 // The registered view of the group's normal buffer, if any.
 std::optional<PeerView> find_nvl_buffer(const std::string& group_name);

@@ -56,8 +56,9 @@ __global__ void __launch_bounds__(kScanThreads) begin_kernel(PeerView v, const b
   Control* mine = v.control(me);
   const uint64_t cur = mine->combine_epoch + 1;
   token_positions(in_rank, num_tokens, v.num_ranks, positions, nullptr);
-  if (tid < v.num_ranks) wait_at_least(&mine->combine_freed[tid], cur - 1, me, tid, "combine: freed");
-  __syncthreads();
+  const bool ok = tid >= v.num_ranks || wait_at_least(v.watchdog, &mine->combine_freed[tid],
+                                                      cur - 1, me, tid, kWaitCombineFreed);
+  if (!block_waits_ok(v.watchdog, ok)) return;
   if (tid == 0) mine->combine_epoch = cur;
 }
 
@@ -69,6 +70,7 @@ struct SendArgs {
 };
 
 __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) {
+  if (watchdog_tripped(v.watchdog)) return;  // begin gave up: the peers may still read our rows
   const int me = v.rank, R = v.num_ranks, lane = threadIdx.x % 32;
   const int64_t num_valid = a.prefix[(R - 1) * R + me];
   for (int64_t n = blockIdx.x * kWarps + threadIdx.x / 32; n < num_valid; n += gridDim.x * kWarps) {
@@ -106,8 +108,9 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32;
   Control* mine = v.control(me);
   const uint64_t cur = mine->combine_epoch;
-  if (tid < R) wait_at_least(&mine->combine_arrivals[tid], cur * kSendBlocks, me, tid, "combine: rows");
-  __syncthreads();
+  const bool ok = tid >= R || wait_at_least(v.watchdog, &mine->combine_arrivals[tid],
+                                            cur * kSendBlocks, me, tid, kWaitCombineRows);
+  if (!block_waits_ok(v.watchdog, ok)) return;
 
   int64_t block[kMaxNvlRanks];  // where each destination's rows start in our region
   int64_t running = 0;

@@ -43,7 +43,9 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
   token_positions(in_rank, num_tokens, R, positions, counts);
 
   // Receivers must have consumed our rows of the previous dispatch before we overwrite them.
-  if (tid < R) wait_at_least(&mine->dispatch_freed[tid], cur - 1, me, tid, "dispatch: freed");
+  bool ok = tid >= R || wait_at_least(v.watchdog, &mine->dispatch_freed[tid], cur - 1, me, tid,
+                                      kWaitDispatchFreed);
+  if (!block_waits_ok(v.watchdog, ok)) return;
 
   if (given_prefix == nullptr) {
     if (tid < R) {
@@ -51,9 +53,9 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
       for (int j = 0; j < R; ++j) peer->counts[me][j] = counts[j];
       fence_system();
       store_release(&peer->counts_ready[me], cur);
-      wait_at_least(&mine->counts_ready[tid], cur, me, tid, "dispatch: counts");
+      ok = wait_at_least(v.watchdog, &mine->counts_ready[tid], cur, me, tid, kWaitDispatchCounts);
     }
-    __syncthreads();
+    if (!block_waits_ok(v.watchdog, ok)) return;
     if (tid < R) {  // column tid of the prefix matrix
       int32_t running = 0;
       for (int i = 0; i < R; ++i) {
@@ -93,6 +95,7 @@ struct SendArgs {
 };
 
 __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) {
+  if (watchdog_tripped(v.watchdog)) return;  // notify gave up: the prefix matrix is not valid
   const int me = v.rank, R = v.num_ranks;
   const int lane = threadIdx.x % 32;
   const int64_t row_bytes = a.row.bytes();
@@ -139,10 +142,9 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
   Control* mine = v.control(me);
   const uint64_t cur = mine->dispatch_epoch;
   for (int i = tid; i < a.experts_per_rank; i += blockDim.x) hist[i] = 0;
-  if (tid < R) {
-    wait_at_least(&mine->dispatch_arrivals[tid], cur * kSendBlocks, me, tid, "dispatch: rows");
-  }
-  __syncthreads();
+  const bool ok = tid >= R || wait_at_least(v.watchdog, &mine->dispatch_arrivals[tid],
+                                            cur * kSendBlocks, me, tid, kWaitDispatchRows);
+  if (!block_waits_ok(v.watchdog, ok)) return;
 
   const int64_t num_valid = a.prefix[(R - 1) * R + me];
   const int64_t first_expert = static_cast<int64_t>(me) * a.experts_per_rank;
@@ -248,6 +250,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   int64_t num_rows = given_rows >= 0 ? given_rows : num_worst_tokens;
   if (given_rows < 0 && num_worst_tokens == 0) {
     auto host_totals = totals.cpu();
+    check_watchdog(v, "dispatch");  // a peer that never posted its counts: raise in this call
     const int32_t* t = host_totals.data_ptr<int32_t>();
     int64_t most = 0;
     for (int r = 0; r < R; ++r) most = std::max<int64_t>(most, t[r]);

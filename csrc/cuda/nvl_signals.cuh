@@ -7,10 +7,9 @@
 #include <cstdint>
 #include <cstdio>
 
-namespace ep_ops::cuda {
+#include "nvl_watchdog.h"
 
-// ~10 s at ~2 GHz: far beyond any healthy wait, short enough that a dead peer ends the job.
-constexpr long long kSpinTimeoutCycles = 20'000'000'000LL;
+namespace ep_ops::cuda {
 
 // Orders this thread's earlier memory operations (and, after a block barrier, those of the whole
 // block) before its later ones, at system or GPU scope. acq_rel rather than sequentially
@@ -33,18 +32,59 @@ __device__ __forceinline__ void add_release(uint64_t* counter, uint64_t value) {
   asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(counter), "l"(value) : "memory");
 }
 
-// Waits until *flag >= target. On timeout prints which rank waited for whom and for what, then
-// traps: the kernel fails with an error instead of hanging the stream forever.
-__device__ __forceinline__ void wait_at_least(const uint64_t* flag, uint64_t target, int rank,
-                                              int peer, const char* what) {
-  const long long start = clock64();
-  while (load_acquire(flag) < target) {
-    if (clock64() - start > kSpinTimeoutCycles) {
-      printf("ep_ops: rank %d timed out waiting for rank %d (%s, epoch %llu)\n", rank, peer, what,
-             static_cast<unsigned long long>(target));
-      __trap();
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t ns;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(ns));
+  return ns;
+}
+
+__device__ __forceinline__ bool watchdog_tripped(const Watchdog& w) {
+  return *reinterpret_cast<volatile const uint32_t*>(w.tripped) != 0u;
+}
+
+// The first wait to time out on a buffer reports it (printf for logs, the mapped record for the
+// host); later ones only print. Kept out of line: the waits stay small in the hot kernels.
+__device__ __noinline__ void trip_watchdog(const Watchdog& w, int rank, int peer, int32_t phase,
+                                           uint64_t target, uint64_t waited_ns) {
+  printf("ep_ops: rank %d timed out after %.1f s waiting for rank %d (%s, counter %llu)\n", rank,
+         static_cast<double>(waited_ns) * 1e-9, peer, wait_phase_name(phase),
+         static_cast<unsigned long long>(target));
+  if (atomicCAS(w.tripped, 0u, 1u) != 0u) return;
+  volatile WaitFailure* record = w.record;
+  record->rank = rank;
+  record->peer = peer;
+  record->phase = phase;
+  record->target = target;
+  record->waited_ns = waited_ns;
+  __threadfence_system();  // the fields before the flag the host polls
+  record->failed = 1;
+  __threadfence_system();
+}
+
+// Waits until *flag >= target and returns true; returns false when the buffer's timeout passes
+// first (the watchdog trips, naming this rank, the peer and the phase) or when an earlier wait on
+// the buffer tripped it. On false the caller must stop without touching the peers' data.
+__device__ __forceinline__ bool wait_at_least(const Watchdog& w, const uint64_t* flag,
+                                              uint64_t target, int rank, int peer,
+                                              WaitPhase phase) {
+  if (load_acquire(flag) >= target) return true;
+  const uint64_t start = global_ns();
+  for (uint32_t spins = 1;; ++spins) {
+    if (load_acquire(flag) >= target) return true;
+    if (spins % 256 != 0) continue;  // the clock and the trip word now and then, not every poll
+    if (watchdog_tripped(w)) return false;
+    const uint64_t waited = global_ns() - start;
+    if (waited > w.timeout_ns) {
+      trip_watchdog(w, rank, peer, phase, target, waited);
+      return false;
     }
   }
+}
+
+// A block barrier that also tells whether every thread's waits succeeded and the buffer's
+// watchdog has not tripped: false means return now.
+__device__ __forceinline__ bool block_waits_ok(const Watchdog& w, bool ok) {
+  return __syncthreads_and(ok && !watchdog_tripped(w)) != 0;
 }
 
 }  // namespace ep_ops::cuda

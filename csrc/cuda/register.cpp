@@ -32,6 +32,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
     return collective::dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts,
                                 expert_alignment, num_worst_tokens, group_name);
   }
+  check_watchdog(*view, "dispatch");
   check_dispatch_inputs(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts,
                         view->num_ranks, "dispatch");
   TORCH_CHECK_VALUE(expert_alignment >= 1, "ep_ops.dispatch: expert_alignment must be >= 1, got ",
@@ -54,6 +55,7 @@ std::tuple<Tensor, Tensor> cached_dispatch(const Tensor& x, const OptTensor& x_s
     return collective::cached_dispatch(x, x_scales, is_token_in_rank, rank_prefix_matrix,
                                        recv_src_idx, group_name);
   }
+  check_watchdog(*view, "cached_dispatch");
   check_dispatch_inputs(x, x_scales, std::nullopt, std::nullopt, is_token_in_rank, 0,
                         view->num_ranks, "cached_dispatch");
   collective::check_matrix(rank_prefix_matrix, "cached_dispatch", "rank_prefix_matrix", at::kInt,
@@ -76,6 +78,7 @@ std::tuple<Tensor, Tensor> combine(const Tensor& x, const OptTensor& topk_weight
                                rank_prefix_matrix, recv_src_idx, group_name);
   }
   const char* op = "combine";
+  check_watchdog(*view, op);
   const int64_t R = view->num_ranks, num_tokens = is_token_in_rank.size(0);
   collective::check_matrix(is_token_in_rank, op, "is_token_in_rank", at::kBool, num_tokens, R,
                            x.device());
@@ -90,6 +93,11 @@ std::tuple<Tensor, Tensor> combine(const Tensor& x, const OptTensor& topk_weight
   return nvl_combine(*view, x, topk_weights, bias_0, bias_1, is_token_in_rank, rank_prefix_matrix);
 }
 
+void check_nvl_buffers(const Tensor&, const std::string& group_name) {
+  if (auto view = find_nvl_buffer(group_name)) check_watchdog(*view, "check_nvl_buffers");
+  if (auto ll = find_ll_buffer(group_name)) check_watchdog(ll->view, "check_nvl_buffers");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ep_ops, CUDA, m) {
@@ -98,6 +106,7 @@ TORCH_LIBRARY_IMPL(ep_ops, CUDA, m) {
   m.impl("combine", &combine);
   m.impl("init_nvl_buffer", &init_nvl_buffer);
   m.impl("release_nvl_buffer", &release_nvl_buffer);
+  m.impl("check_nvl_buffers", &check_nvl_buffers);
 }
 
 }  // namespace ep_ops::cuda

@@ -537,9 +537,15 @@ def test_one_buffer_many_random_shapes():
 # rank's CPU reference of every rank stays quick at 4 and 8 ranks (7168 is covered by
 # test_ll_cuda.py and the benchmark).
 GRAPH_SIZES = (128, 2048, 8, 6)
-# Replay order; "normal" and "ll" are eager steps in between (after "normal",
+# Replay order; "normal", "ll" and "ll_resized" are eager steps in between (after "normal",
 # clean_low_latency_buffer, as DeepEP users do before going back to low-latency calls).
-GRAPH_ORDER = ("g1", "g2", "g2", "g1", "g1", "g2", "normal", "g1", "g2", "ll", "g2", "g1", "g1", "g2")
+# "ll_resized" has another hidden size, so its slabs lie elsewhere: the send after it (a replay)
+# must first wait until the peers have read everything (decided on the device, ll_common.cuh).
+GRAPH_ORDER = (
+    "g1", "g2", "g2", "g1", "g1", "g2", "normal", "g1", "g2", "ll", "g2", "g1",
+    "ll_resized", "g1", "ll_resized", "g2", "g2",
+)  # fmt: skip
+GRAPH_RESIZED_HIDDEN = 1024
 
 
 class Graph:
@@ -651,6 +657,10 @@ def graph_worker(rank, num_ranks, group_name):
                 continue
             if name == "ll":
                 ll_step(buffer, ll_spec(seed, num_ranks, fp8=True, variant="hook", sizes=sizes))
+                continue
+            if name == "ll_resized":
+                resized = (M, GRAPH_RESIZED_HIDDEN, *sizes[2:])
+                ll_step(buffer, ll_spec(seed, num_ranks, variant="hook", sizes=resized))
                 continue
             spec = dataclasses.replace(specs[name], seed=seed, hot=i % 4 == 3)
             inputs = ll_inputs(spec, num_ranks)
