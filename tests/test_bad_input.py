@@ -42,6 +42,8 @@ recv_token_slots                        low_latency_combine wrong shape / int64 
 bad handle (Buffer)                     B.combine / B.low_latency_combine handle not a       ValueError   ``handle``
                                         tuple of the right length
 bogus group_name                        dispatch, combine, low_latency_dispatch              ValueError   ``group_name``, the name
+NVLink wait timeout                     B(timeout_s=0 / -1 / nan)                            ValueError   ``timeout_s must be``
+                                        B(timeout_s="5")                                     TypeError    ``timeout_s must be``
 one rank bad (header consensus)         only rank 1 passes bad input (dispatch,              rank 1: its  rank 1: its own; others: ``rank 1
                                         cached_dispatch, combine, low_latency_dispatch,      own; others  rejected its input``
                                         low_latency_combine); through B, failing the op's    RuntimeError
@@ -392,7 +394,7 @@ def test_every_rank_gets_the_error(two_ranks):
     counts = [result[:2] for result in two_ranks]
     assert counts[0] == counts[1], counts
     num_errors, num_good = counts[0]
-    assert num_errors == 68 and num_good == num_errors + 1
+    assert num_errors == 72 and num_good == num_errors + 1
 
 
 # ---------------------------------------------------------------------------------------------
