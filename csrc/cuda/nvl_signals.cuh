@@ -43,8 +43,9 @@ __device__ __forceinline__ bool watchdog_tripped(const Watchdog& w) {
 }
 
 // The first wait to time out on a buffer reports it (printf for logs, the mapped record for the
-// host); later ones only print. Kept out of line: the waits stay small in the hot kernels.
-__device__ __noinline__ void trip_watchdog(const Watchdog& w, int rank, int peer, int32_t phase,
+// host); later ones only print. Kept out of line (static: one copy per kernel file): the waits
+// stay small in the hot kernels.
+static __device__ __noinline__ void trip_watchdog(const Watchdog& w, int rank, int peer, int32_t phase,
                                            uint64_t target, uint64_t waited_ns) {
   printf("ep_ops: rank %d timed out after %.1f s waiting for rank %d (%s, counter %llu)\n", rank,
          static_cast<double>(waited_ns) * 1e-9, peer, wait_phase_name(phase),
