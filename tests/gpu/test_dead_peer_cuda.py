@@ -9,7 +9,7 @@ stays usable.
 
 One launch on GPU_RANKS GPUs runs the scenarios in turn, each on a fresh Buffer: every rank runs
 the step once together (so the group is known to work), then the last rank (LATE) skips the op
-under test and waits on a gloo barrier until the others have reported.
+under test and waits (on the launch's TCP store, not the GPU) until the others have reported.
 """
 
 import time
@@ -38,7 +38,15 @@ def _inputs(rank: int, num_ranks: int, device):
     return x.to(device), topk_idx.to(device), weights.to(device), num_experts
 
 
-def _scenario(name: str, rank: int, num_ranks: int, late: bool, coordination) -> dict:
+def _store_barrier(name: str, num_ranks: int) -> None:
+    """Every rank got here: through the process group's TCP store (no GPU work, no NCCL)."""
+    store = dist.distributed_c10d._get_default_store()
+    store.add(name, 1)
+    while int(store.add(name, 0)) < num_ranks:
+        time.sleep(0.01)
+
+
+def _scenario(name: str, rank: int, num_ranks: int, late: bool) -> dict:
     """Runs one scenario; returns what a surviving rank saw (nothing for the late rank)."""
     from ep_ops import Buffer
     from ep_ops.nvl import check_nvl_buffers
@@ -57,7 +65,7 @@ def _scenario(name: str, rank: int, num_ranks: int, late: bool, coordination) ->
     def dispatch():
         recv_x, _, _, _, handle, _ = buffer.dispatch(
             x, topk_idx=topk_idx, topk_weights=weights, num_tokens_per_rank=layout[0],
-            is_token_in_rank=layout[2], num_tokens_per_expert=layout[3],
+            num_tokens_per_expert=layout[2], is_token_in_rank=layout[3],
         )  # fmt: skip
         return recv_x, handle
 
@@ -77,7 +85,7 @@ def _scenario(name: str, rank: int, num_ranks: int, late: bool, coordination) ->
             low_latency_round_trip()
         graph.replay()
     torch.cuda.synchronize()
-    dist.barrier(group=coordination)
+    _store_barrier(f"{name} ready", num_ranks)
 
     seen = {}
     if not late:
@@ -110,18 +118,17 @@ def _scenario(name: str, rank: int, num_ranks: int, late: bool, coordination) ->
             seen["next_call_error"] = str(error)
         seen["next_call_after_s"] = time.monotonic() - start
         seen["context_usable"] = torch.ones(4, device=device).sum().item() == 4.0
-    dist.barrier(group=coordination)
+    _store_barrier(f"{name} reported", num_ranks)
     del graph
     buffer.destroy()
     torch.cuda.synchronize()
-    dist.barrier(group=coordination)
+    _store_barrier(f"{name} destroyed", num_ranks)
     return seen
 
 
 def dead_peer_worker(rank: int, num_ranks: int, group_name: str) -> dict:
-    coordination = dist.new_group(backend="gloo")
     late = rank == num_ranks - 1
-    return {name: _scenario(name, rank, num_ranks, late, coordination) for name in SCENARIOS}
+    return {name: _scenario(name, rank, num_ranks, late) for name in SCENARIOS}
 
 
 PHASES = {
