@@ -70,7 +70,9 @@ def _scenario(name: str, rank: int, num_ranks: int, late: bool) -> dict:
         return recv_x, handle
 
     def low_latency_round_trip():
-        recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, NUM_MAX, num_experts)
+        recv_x, _, handle, _, _ = buffer.low_latency_dispatch(
+            x, topk_idx, NUM_MAX, num_experts, use_fp8=False
+        )
         combined, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
         return combined
 
@@ -97,7 +99,7 @@ def _scenario(name: str, rank: int, num_ranks: int, late: bool) -> dict:
             elif name == "combine":
                 buffer.combine(recv_x, handle)
             elif name == "low_latency_dispatch":
-                buffer.low_latency_dispatch(x, topk_idx, NUM_MAX, num_experts)
+                buffer.low_latency_dispatch(x, topk_idx, NUM_MAX, num_experts, use_fp8=False)
             else:
                 graph.replay()
             torch.cuda.synchronize()  # returns: the kernels gave up instead of hanging
@@ -113,7 +115,7 @@ def _scenario(name: str, rank: int, num_ranks: int, late: bool) -> dict:
             if name == "dispatch" or name == "combine":
                 dispatch()
             else:
-                buffer.low_latency_dispatch(x, topk_idx, NUM_MAX, num_experts)
+                buffer.low_latency_dispatch(x, topk_idx, NUM_MAX, num_experts, use_fp8=False)
         except RuntimeError as error:
             seen["next_call_error"] = str(error)
         seen["next_call_after_s"] = time.monotonic() - start
