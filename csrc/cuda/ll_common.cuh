@@ -110,7 +110,7 @@ __device__ inline bool wait_arrivals(const PeerView& v, int phase, int which,
   const bool ok = threadIdx.x >= v.num_ranks ||
                   wait_at_least(v.watchdog, &mine->arrivals[phase][which][threadIdx.x],
                                 reads_before + 1, me, threadIdx.x, what);
-  return block_waits_ok(v.watchdog, ok);
+  return block_waits_ok(ok);
 }
 
 // The sending side: every receiver has read what we sent into slab `which` before.
@@ -121,7 +121,7 @@ __device__ inline bool wait_freed(const PeerView& v, int phase, int which, uint6
   const bool ok = threadIdx.x >= v.num_ranks ||
                   wait_at_least(v.watchdog, &mine->freed[phase][which][threadIdx.x], sends_before,
                                 me, threadIdx.x, what);
-  return block_waits_ok(v.watchdog, ok);
+  return block_waits_ok(ok);
 }
 
 // The sending side, when this send's slab layout (`key`) differs from the last send's: every
@@ -138,7 +138,7 @@ __device__ inline bool wait_all_freed_if_moved(const PeerView& v, int64_t key) {
     ok = ok && wait_at_least(v.watchdog, &mine->freed[phase][which][peer],
                              mine->sends[phase][which], me, peer, kWaitLowLatencyAllFreed);
   }
-  return block_waits_ok(v.watchdog, ok);
+  return block_waits_ok(ok);
 }
 
 __device__ inline void remember_layout(LowLatencyControl* mine, int64_t key) {

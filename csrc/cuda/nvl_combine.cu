@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kScanThreads) begin_kernel(PeerView v, const b
   token_positions(in_rank, num_tokens, v.num_ranks, positions, nullptr);
   const bool ok = tid >= v.num_ranks || wait_at_least(v.watchdog, &mine->combine_freed[tid],
                                                       cur - 1, me, tid, kWaitCombineFreed);
-  if (!block_waits_ok(v.watchdog, ok)) return;
+  if (!block_waits_ok(ok)) return;
   if (tid == 0) mine->combine_epoch = cur;
 }
 
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
   const uint64_t cur = mine->combine_epoch;
   const bool ok = tid >= R || wait_at_least(v.watchdog, &mine->combine_arrivals[tid],
                                             cur * kSendBlocks, me, tid, kWaitCombineRows);
-  if (!block_waits_ok(v.watchdog, ok)) return;
+  if (!block_waits_ok(ok)) return;
 
   int64_t block[kMaxNvlRanks];  // where each destination's rows start in our region
   int64_t running = 0;

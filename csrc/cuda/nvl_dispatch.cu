@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
   // Receivers must have consumed our rows of the previous dispatch before we overwrite them.
   bool ok = tid >= R || wait_at_least(v.watchdog, &mine->dispatch_freed[tid], cur - 1, me, tid,
                                       kWaitDispatchFreed);
-  if (!block_waits_ok(v.watchdog, ok)) return;
+  if (!block_waits_ok(ok)) return;
 
   if (given_prefix == nullptr) {
     if (tid < R) {
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
       store_release(&peer->counts_ready[me], cur);
       ok = wait_at_least(v.watchdog, &mine->counts_ready[tid], cur, me, tid, kWaitDispatchCounts);
     }
-    if (!block_waits_ok(v.watchdog, ok)) return;
+    if (!block_waits_ok(ok)) return;
     if (tid < R) {  // column tid of the prefix matrix
       int32_t running = 0;
       for (int i = 0; i < R; ++i) {
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
   for (int i = tid; i < a.experts_per_rank; i += blockDim.x) hist[i] = 0;
   const bool ok = tid >= R || wait_at_least(v.watchdog, &mine->dispatch_arrivals[tid],
                                             cur * kSendBlocks, me, tid, kWaitDispatchRows);
-  if (!block_waits_ok(v.watchdog, ok)) return;
+  if (!block_waits_ok(ok)) return;
 
   const int64_t num_valid = a.prefix[(R - 1) * R + me];
   const int64_t first_expert = static_cast<int64_t>(me) * a.experts_per_rank;

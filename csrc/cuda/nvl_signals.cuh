@@ -82,10 +82,10 @@ __device__ __forceinline__ bool wait_at_least(const Watchdog& w, const uint64_t*
   }
 }
 
-// A block barrier that also tells whether every thread's waits succeeded and the buffer's
-// watchdog has not tripped: false means return now.
-__device__ __forceinline__ bool block_waits_ok(const Watchdog& w, bool ok) {
-  return __syncthreads_and(ok && !watchdog_tripped(w)) != 0;
-}
+// A block barrier that also tells whether every thread's waits succeeded: false means return
+// now. (A wait whose flag is already set succeeds even on a tripped buffer: what follows then
+// moves stale data within the buffer's bounds, which the host reports at the next call; reading
+// the trip word here as well would put one more memory round trip on every healthy call.)
+__device__ __forceinline__ bool block_waits_ok(bool ok) { return __syncthreads_and(ok) != 0; }
 
 }  // namespace ep_ops::cuda
