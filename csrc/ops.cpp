@@ -42,6 +42,27 @@ TORCH_LIBRARY(ep_ops, m) {
       "Tensor is_token_in_rank, Tensor rank_prefix_matrix, Tensor recv_src_idx, str group_name) "
       "-> (Tensor combined_x, Tensor combined_topk_weights)");
 
+  // Dispatch and combine with the expert grouping ("permute", ep_ops/permute.py's layout) fused in:
+  // the received rows land straight in their expert groups, and combine sums a row's expert
+  // outputs as it sends it back, so grouped expert kernels need no separate permute passes.
+  // pad_multiple >= 1 pads every group with zero rows; num_out > 0 fixes the permuted row count
+  // (pairs past it are dropped), 0 = exact (data-dependent). With num_worst_tokens > 0 and
+  // num_out > 0 every shape is static and nothing syncs with the host (CUDA-graph safe).
+  m.set_python_module("ep_ops.meta.permuted");
+  m.def(
+      "dispatch_permuted(Tensor x, Tensor? x_scales, Tensor topk_idx, Tensor? topk_weights, "
+      "Tensor is_token_in_rank, int num_experts, int num_worst_tokens, int pad_multiple, "
+      "int num_out, str group_name) -> (Tensor permuted_x, Tensor permuted_x_scales, "
+      "Tensor permuted_probs, Tensor tokens_per_expert, Tensor pair_slot, "
+      "Tensor rank_prefix_matrix, Tensor recv_src_idx)");
+  // The inverse: each received row is the sum of its pairs' rows of h (float32, in slot order,
+  // rounded once), then rows go back to their sources as in combine. probs (permuted layout)
+  // ride along and come back per (token, slot): the gradient path of dispatch_permuted.
+  m.def(
+      "combine_permuted(Tensor h, Tensor? probs, Tensor pair_slot, Tensor is_token_in_rank, "
+      "Tensor rank_prefix_matrix, Tensor recv_src_idx, str group_name) -> "
+      "(Tensor combined_x, Tensor combined_probs)");
+
   // The NVLink peer memory of a group (symmetric memory, CUDA only): allocated and exchanged by
   // all ranks of the group at once, outside any graph capture; ep_ops.Buffer calls these.
   m.set_python_module("ep_ops.meta.nvl_buffer");

@@ -12,6 +12,8 @@ COMMUNICATION_OPS = (
     "dispatch",
     "cached_dispatch",
     "combine",
+    "dispatch_permuted",
+    "combine_permuted",
     "low_latency_dispatch",
     "low_latency_dispatch_send",
     "low_latency_dispatch_recv",

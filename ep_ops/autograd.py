@@ -3,13 +3,17 @@
 dispatch and combine are each other's backward: the gradient of dispatch is a combine of the
 received gradients (the topk_weights gradient rides along in combine's weight reduction), the
 gradient of combine is a cached dispatch along the same handle. The low-latency pair works the
-same way through low_latency_combine and low_latency_combine_backward.
+same way through low_latency_combine and low_latency_combine_backward, and the fused-permute pair
+through combine_permuted (dispatch_permuted's gradient) and a cached dispatch plus
+ep_ops.permute's gathers (combine_permuted's).
 
 Every backward communicates, so every rank must run it: a missing output gradient becomes zeros
 rather than a skipped exchange, and all ranks must agree on which inputs require grad.
 """
 
 import torch
+
+from .permute import PermuteMap, permute, permute_probs, slot_pair_of
 
 ops = torch.ops.ep_ops
 
@@ -112,6 +116,73 @@ def _combine_backward(ctx, grad_combined_x, grad_combined_topk_weights):
     return grad_x, grad_weights, grad_bias[0], grad_bias[1], None, None, None, None
 
 
+# ----- fused permute -----------------------------------------------------------------------------
+
+
+def _dispatch_permuted_setup(ctx, inputs, output):
+    x, x_scales, _, topk_weights, is_token_in_rank, *_, group_name = inputs
+    permuted_x, _, _, _, pair_slot, rank_prefix_matrix, recv_src_idx = output
+    ctx.save_for_backward(pair_slot, is_token_in_rank, rank_prefix_matrix, recv_src_idx)
+    ctx.group_name = group_name
+    ctx.permuted_shape = permuted_x.shape
+    ctx.is_fp8 = x_scales is not None
+    ctx.grad_dtype = torch.bfloat16 if ctx.is_fp8 else x.dtype
+    ctx.has_weights = topk_weights is not None
+
+
+def _dispatch_permuted_backward(ctx, grad_permuted_x, _gs, grad_permuted_probs, _gt, _gp, _gr, _gsrc):
+    # The transpose of "dispatch, then copy each row to its pairs' slots" is "sum each row's
+    # slots, then combine": combine_permuted. The probs ride along per slot.
+    pair_slot, is_token_in_rank, rank_prefix_matrix, recv_src_idx = ctx.saved_tensors
+    device = pair_slot.device
+    grad_x = _grad_or_zeros(grad_permuted_x, ctx.permuted_shape, ctx.grad_dtype, device)
+    grad_probs = None
+    if ctx.has_weights:
+        grad_probs = _grad_or_zeros(grad_permuted_probs, ctx.permuted_shape[:1], torch.float32, device)
+    grad_in, grad_weights = ops.combine_permuted(
+        grad_x, grad_probs, pair_slot, is_token_in_rank, rank_prefix_matrix, recv_src_idx, ctx.group_name
+    )
+    return (
+        None if ctx.is_fp8 else grad_in,
+        None,
+        None,
+        grad_weights if ctx.has_weights else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def _combine_permuted_setup(ctx, inputs, output):
+    h, probs, pair_slot, is_token_in_rank, rank_prefix_matrix, recv_src_idx, group_name = inputs
+    ctx.save_for_backward(pair_slot, is_token_in_rank, rank_prefix_matrix, recv_src_idx)
+    ctx.group_name = group_name
+    ctx.num_permuted, ctx.hidden, ctx.dtype = h.size(0), h.size(1), h.dtype
+    ctx.has_probs = probs is not None
+
+
+def _combine_permuted_backward(ctx, grad_combined_x, grad_combined_probs):
+    # The transpose of "sum each row's slots, then combine" is "dispatch along the handle, then
+    # copy each row to its pairs' slots": a cached dispatch and ep_ops.permute's gathers.
+    pair_slot, is_token_in_rank, rank_prefix_matrix, recv_src_idx = ctx.saved_tensors
+    handle = (is_token_in_rank, rank_prefix_matrix, recv_src_idx, ctx.group_name)
+    num_tokens, device = is_token_in_rank.size(0), is_token_in_rank.device
+    pmap = PermuteMap(pair_slot, slot_pair_of(pair_slot, ctx.num_permuted), None)
+    grad_out = _grad_or_zeros(grad_combined_x, (num_tokens, ctx.hidden), ctx.dtype, device)
+    grad_rows, _ = ops.cached_dispatch(grad_out, None, *handle)
+    grad_h = permute(grad_rows, pmap, pair_slot.size(1))
+    grad_probs = None
+    if ctx.has_probs:
+        num_topk = pair_slot.size(1)
+        grad_p = _grad_or_zeros(grad_combined_probs, (num_tokens, num_topk), torch.float32, device)
+        grad_pairs, _ = ops.cached_dispatch(grad_p, None, *handle)
+        grad_probs = permute_probs(grad_pairs, pmap)
+    return grad_h, grad_probs, None, None, None, None, None
+
+
 # ----- low latency -----------------------------------------------------------------------------
 
 
@@ -164,6 +235,8 @@ def _register():
         "dispatch": (_dispatch_backward, _dispatch_setup),
         "cached_dispatch": (_cached_dispatch_backward, _cached_dispatch_setup),
         "combine": (_combine_backward, _combine_setup),
+        "dispatch_permuted": (_dispatch_permuted_backward, _dispatch_permuted_setup),
+        "combine_permuted": (_combine_permuted_backward, _combine_permuted_setup),
         "low_latency_dispatch": (_low_latency_dispatch_backward, _low_latency_dispatch_setup),
         "low_latency_combine": (_low_latency_combine_backward, _low_latency_combine_setup),
     }

@@ -10,9 +10,12 @@ names, same signatures, same return tuples.
 - **HybridEP family** (``hybrid_ep_dispatch`` / ``hybrid_ep_combine``, ``HybridEPDispatch`` /
   ``HybridEPCombine``, ``init_hybrid_ep_buffer``, ``reset_hybrid_ep_buffer``): takes a dense
   ``routing_map [T, E]`` and ``probs [T, E]`` and returns the tokens already grouped by local
-  expert (``ep_ops.permute``), each group padded to ``pad_multiple``. With
-  ``num_permuted_tokens`` every shape is static and nothing syncs with the host (worst-token
-  dispatch), so the step can be captured in a CUDA graph.
+  expert (``ep_ops.permute``'s layout), each group padded to ``pad_multiple``. The grouping is
+  fused into the communication (``ep_ops.dispatch_permuted`` / ``combine_permuted``: received
+  rows land in their groups, combine sums a row's experts as it sends it back);
+  ``fuse_permute=False`` runs the same layout as separate passes (dispatch, then
+  ``ep_ops.permute``), bitwise equal. With ``num_permuted_tokens`` every shape is static and
+  nothing syncs with the host (worst-token dispatch), so the step can be captured in a CUDA graph.
 
 Two ways in, same results:
 
@@ -39,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from .buffer import Buffer
-from .permute import PermuteMap, make_permute_map, permute, permute_probs, unpermute, unpermute_probs
+from .permute import PermuteMap, make_permute_map, permute, permute_probs, slot_pair_of, unpermute
 
 ops = torch.ops.ep_ops
 
@@ -339,7 +342,9 @@ def reset_hybrid_ep_buffer() -> None:
 
 class HybridEPHandle(NamedTuple):
     """What ``hybrid_ep_combine`` (and the backward passes) need from a HybridEP dispatch: the
-    dispatch handle, the permute map and the group."""
+    dispatch handle, the permute map and the group. The map's pairs are (row, global expert
+    column) of the ``[T, E]`` routing: ``pair_slot`` is ``[N, E]``, -1 outside this rank's
+    experts, so the fused and the unfused paths share one handle."""
 
     rank_prefix_matrix: torch.Tensor
     recv_src_idx: torch.Tensor
@@ -369,8 +374,31 @@ def _raise_everywhere(group, op: str, error: Exception):
     that the other ranks, already inside ``op``, raise too instead of waiting for this rank
     (the same protocol as ``Buffer``'s own checks). Compiled code checks at trace time."""
     if not torch.compiler.is_compiling():
-        get_buffer(group, 2)._reject(op)
+        buffer = get_buffer(group, 2)
+        if op in ("dispatch_permuted", "combine_permuted"):
+            _reject_permuted(buffer, op)
+        else:
+            buffer._reject(op)
     raise error
+
+
+def _reject_permuted(buffer: Buffer, op: str) -> None:
+    """``Buffer._reject`` for the fused-permute ops: calls ``op`` with a 1-D payload, which its
+    header exchange flags as this rank's bad input, and swallows the error."""
+    num_ranks, device, name = buffer.group_size, buffer.device, buffer.group_name
+    empty = torch.empty(0, dtype=torch.bfloat16, device=device)
+    no_tokens = torch.empty((0, num_ranks), dtype=torch.bool, device=device)
+    ids = torch.empty((0, 1), dtype=torch.int64, device=device)
+    try:
+        if op == "dispatch_permuted":
+            ops.dispatch_permuted(empty, None, ids, None, no_tokens, num_ranks, 0, 1, 0, name)
+        else:
+            prefix = torch.zeros((num_ranks, num_ranks), dtype=torch.int32, device=device)
+            src_idx = torch.empty(0, dtype=torch.int32, device=device)
+            ops.combine_permuted(empty, None, ids, no_tokens, prefix, src_idx, name)
+    except Exception:  # noqa: BLE001  (the point of the call: every rank raises)
+        return
+    raise AssertionError(f"_reject_permuted: ep_ops.{op} accepted an input it must reject")
 
 
 def _hybrid_input_problem(x, routing_map, probs, num_experts) -> str:
@@ -391,14 +419,19 @@ def _hybrid_input_problem(x, routing_map, probs, num_experts) -> str:
     return ""
 
 
-def _hybrid_dispatch(x, routing_map, probs, group, num_local_experts, num_permuted_tokens, pad_multiple):
-    """Dispatch + permute; differentiable wrt x and probs through the ops' autograd."""
+def _hybrid_dispatch(
+    x, routing_map, probs, group, num_local_experts, num_permuted_tokens, pad_multiple, fuse_permute=True
+):
+    """Dispatch grouped by local expert: ``dispatch_permuted``, or (``fuse_permute=False``)
+    dispatch + ``ep_ops.permute``, bitwise equal; differentiable wrt x and probs through the ops'
+    autograd."""
     group = _group(group)
     num_ranks, rank = group.size(), group.rank()
     num_experts = num_local_experts * num_ranks
     problem = _hybrid_input_problem(x, routing_map, probs, num_experts)
     if problem:
-        _raise_everywhere(group, "dispatch", ValueError(f"hybrid_ep_dispatch: {problem}"))
+        op = "dispatch_permuted" if fuse_permute else "dispatch"
+        _raise_everywhere(group, op, ValueError(f"hybrid_ep_dispatch: {problem}"))
     # The routing travels as a [T, E] "top-E" list: column e names expert e or -1.
     experts = torch.arange(num_experts, device=routing_map.device).expand(routing_map.shape)
     token_indices = torch.where(routing_map, experts, -1)
@@ -406,34 +439,44 @@ def _hybrid_dispatch(x, routing_map, probs, group, num_local_experts, num_permut
     if isinstance(num_permuted_tokens, torch.Tensor):  # Megatron passes tokens_per_expert.sum()
         num_permuted_tokens = int(num_permuted_tokens.item())
     num_worst_tokens = 0 if num_permuted_tokens is None else _worst_tokens(x, group)
-    recv_x, recv_idx, recv_probs, _, handle = _dispatch(
-        x.contiguous(), token_indices, token_probs, num_experts, group, num_worst_tokens
-    )
-    # The columns of this rank's experts hold local ids (or -1): exactly the pairs to permute.
-    local = slice(rank * num_local_experts, (rank + 1) * num_local_experts)
-    pmap = make_permute_map(
-        recv_idx[:, local].contiguous(),
-        num_local_experts,
-        pad_multiple=pad_multiple,
-        num_out=num_permuted_tokens,
-    )
-    permuted_x = permute(recv_x, pmap, num_local_experts)
-    permuted_probs = None if probs is None else permute_probs(recv_probs[:, local], pmap)
+    if fuse_permute:
+        _, _, is_token_in_rank = ops.get_dispatch_layout(token_indices, num_experts, num_ranks)
+        permuted_x, _, permuted_probs, tokens_per_expert, pair_slot, prefix, src_idx = ops.dispatch_permuted(
+            x.contiguous(), None, token_indices, token_probs, is_token_in_rank, num_experts,
+            num_worst_tokens, pad_multiple or 1, num_permuted_tokens or 0, group.group_name,
+        )  # fmt: skip
+        pmap = PermuteMap(pair_slot, slot_pair_of(pair_slot, permuted_x.size(0)), tokens_per_expert)
+        handle = (prefix, src_idx, is_token_in_rank)
+    else:
+        recv_x, recv_idx, recv_probs, _, handle = _dispatch(
+            x.contiguous(), token_indices, token_probs, num_experts, group, num_worst_tokens
+        )
+        # recv_idx holds local ids in this rank's columns and -1 elsewhere: exactly the pairs.
+        pmap = make_permute_map(
+            recv_idx, num_local_experts, pad_multiple=pad_multiple, num_out=num_permuted_tokens
+        )
+        permuted_x = permute(recv_x, pmap, num_experts)
+        permuted_probs = None if probs is None else permute_probs(recv_probs, pmap)
+    permuted_probs = None if probs is None else permuted_probs
     hybrid_handle = HybridEPHandle(*handle, *pmap, group.group_name, rank, num_experts)
     return permuted_x, permuted_probs, None, pmap.tokens_per_expert, hybrid_handle
 
 
-def _hybrid_combine(x, handle: HybridEPHandle):
-    """Unpermute + combine; differentiable wrt x through the ops' autograd."""
-    rows = unpermute(x, handle.permute_map())
-    combined_x, _ = ops.combine(
-        rows, None, None, None,
-        handle.is_token_in_rank, handle.rank_prefix_matrix, handle.recv_src_idx, handle.group_name,
-    )  # fmt: skip
+def _hybrid_combine(x, handle: HybridEPHandle, fuse_permute=True):
+    """combine_permuted, or (``fuse_permute=False``) unpermute + combine, bitwise equal;
+    differentiable wrt x through the ops' autograd."""
+    in_rank, prefix, src_idx = handle.is_token_in_rank, handle.rank_prefix_matrix, handle.recv_src_idx
+    if fuse_permute:
+        combined_x, _ = ops.combine_permuted(
+            x, None, handle.pair_slot, in_rank, prefix, src_idx, handle.group_name
+        )
+    else:
+        rows = unpermute(x, handle.permute_map())
+        combined_x, _ = ops.combine(rows, None, None, None, in_rank, prefix, src_idx, handle.group_name)
     return combined_x
 
 
-def _check_combine_size(x, handle: HybridEPHandle, num_permuted_tokens):
+def _check_combine_size(x, handle: HybridEPHandle, num_permuted_tokens, fuse_permute=True):
     if torch.compiler.is_compiling():
         # Dynamo needs constant check messages; the sizes may be symbolic here.
         torch._check(
@@ -450,7 +493,8 @@ def _check_combine_size(x, handle: HybridEPHandle, num_permuted_tokens):
         problem = f"x has {x.size(0)} rows but num_permuted_tokens is {num_permuted_tokens}"
     if problem:
         group = dist.distributed_c10d._resolve_process_group(handle.group_name)
-        _raise_everywhere(group, "combine", ValueError(f"hybrid_ep_combine: {problem}"))
+        op = "combine_permuted" if fuse_permute else "combine"
+        _raise_everywhere(group, op, ValueError(f"hybrid_ep_combine: {problem}"))
 
 
 def _maybe_init_hybrid(group, x, num_local_experts, num_sms_dispatch_api, num_sms_combine_api):
@@ -464,7 +508,7 @@ def _maybe_init_hybrid(group, x, num_local_experts, num_sms_dispatch_api, num_sm
 
 
 class HybridEPDispatch(torch.autograd.Function):
-    """Dispatch with the permute for the experts; its backward is unpermute + combine."""
+    """Dispatch with the permute for the experts (fused); its backward is combine_permuted."""
 
     @staticmethod
     def forward(
@@ -502,7 +546,7 @@ class HybridEPDispatch(torch.autograd.Function):
             x, routing_map, probs, group, num_local_experts, num_permuted_tokens, pad_multiple
         )
         permuted_x, permuted_probs, _, tokens_per_expert, handle = out
-        ctx.group_name, ctx.rank, ctx.num_experts = handle.group_name, handle.rank, handle.num_experts
+        ctx.group_name = handle.group_name
         ctx.save_for_backward(routing_map, *handle[:6])
         ctx.x_shape, ctx.x_dtype = permuted_x.shape, permuted_x.dtype
         ctx.probs_dtype = probs.dtype if probs is not None else None
@@ -511,24 +555,17 @@ class HybridEPDispatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_x, grad_probs, _grad_scaling, _grad_counts, _grad_handle):
-        routing_map, prefix, src_idx, in_rank, pair_slot, slot_pair, tokens_per_expert = ctx.saved_tensors
-        pmap = PermuteMap(pair_slot, slot_pair, tokens_per_expert)
-        num_local = pair_slot.size(1)
+        routing_map, prefix, src_idx, in_rank, pair_slot, slot_pair, _ = ctx.saved_tensors
         if grad_x is None:
             grad_x = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=pair_slot.device)
-        grad_rows = unpermute(grad_x.contiguous(), pmap)
-        grad_recv_probs = None
+        grad_permuted_probs = None
         if ctx.probs_dtype is not None:
             if grad_probs is None:
                 grad_probs = torch.zeros(slot_pair.shape, dtype=torch.float32, device=slot_pair.device)
-            local = unpermute_probs(grad_probs.float(), pmap)  # [N, E_local]
-            before = ctx.rank * num_local
-            after = ctx.num_experts - before - num_local
-            grad_recv_probs = torch.cat(
-                [local.new_zeros((local.size(0), before)), local, local.new_zeros((local.size(0), after))], 1
-            )
-        grad_in, grad_token_probs = ops.combine(
-            grad_rows, grad_recv_probs, None, None, in_rank, prefix, src_idx, ctx.group_name
+            grad_permuted_probs = grad_probs.float().contiguous()
+        # Each token gets its rows' slot sums (x) and its pairs' probability gradients ([T, E]).
+        grad_in, grad_token_probs = ops.combine_permuted(
+            grad_x.contiguous(), grad_permuted_probs, pair_slot, in_rank, prefix, src_idx, ctx.group_name
         )
         grad_in_probs = None
         if ctx.probs_dtype is not None:
@@ -537,7 +574,7 @@ class HybridEPDispatch(torch.autograd.Function):
 
 
 class HybridEPCombine(torch.autograd.Function):
-    """Unpermute + combine; its backward is cached dispatch + permute."""
+    """Unpermute + combine (fused: combine_permuted); its backward is cached dispatch + permute."""
 
     @staticmethod
     def forward(ctx, x, handle, num_permuted_tokens=None, pad_multiple=None):
@@ -579,23 +616,25 @@ def hybrid_ep_dispatch(
     num_blocks_permute=None,
     num_blocks_unpermute=None,
     fused=False,
-    fuse_permute=False,
+    fuse_permute=True,
     num_sms_preprocessing_api=None,
 ):
     """Dispatch + permute (see ``HybridEPDispatch.forward``), differentiable wrt x and probs
     through the ops' own autograd: ``(permuted_x, permuted_probs, None, tokens_per_expert,
-    handle)``. The keyword-only arguments are newer Megatron/NeMo tuning knobs of HybridEP's
-    kernels, accepted and ignored."""
+    handle)``. ``fuse_permute`` (default True): one ``dispatch_permuted``; False: dispatch, then
+    ``ep_ops.permute`` (same results). The other keyword-only arguments are newer Megatron/NeMo
+    tuning knobs of HybridEP's kernels, accepted and ignored."""
     _maybe_init_hybrid(group, x, num_local_experts, num_sms_dispatch_api, num_sms_combine_api)
     return _hybrid_dispatch(
-        x, routing_map, probs, group, num_local_experts, num_permuted_tokens, pad_multiple
+        x, routing_map, probs, group, num_local_experts, num_permuted_tokens, pad_multiple, fuse_permute
     )
 
 
 def hybrid_ep_combine(
-    x, handle, num_permuted_tokens=None, pad_multiple=None, *, fused=False, fuse_permute=False
+    x, handle, num_permuted_tokens=None, pad_multiple=None, *, fused=False, fuse_permute=True
 ):
-    """Unpermute + combine (see ``HybridEPCombine.forward``): ``[T, H]``. ``fused`` and
-    ``fuse_permute`` (newer Megatron/NeMo) are accepted and ignored."""
-    _check_combine_size(x, handle, num_permuted_tokens)
-    return _hybrid_combine(x.contiguous(), handle)
+    """Unpermute + combine (see ``HybridEPCombine.forward``): ``[T, H]``. ``fuse_permute``
+    (default True): one ``combine_permuted``; False: ``ep_ops.permute.unpermute``, then combine
+    (same results). ``fused`` (newer Megatron/NeMo) is accepted and ignored."""
+    _check_combine_size(x, handle, num_permuted_tokens, fuse_permute)
+    return _hybrid_combine(x.contiguous(), handle, fuse_permute)

@@ -7,8 +7,13 @@ a fixed size (capacity). This module builds that mapping from the routing alone 
 with gathers, so it is plain PyTorch: autograd, fake tensors and Inductor handle it, and the
 gradient of ``permute`` is ``unpermute`` and vice versa.
 
-It runs as a pass of its own after the dispatch (and before the combine): the permute is not
-fused into the communication kernel.
+Here it runs as a pass of its own after ``ep_ops.dispatch`` (and before ``ep_ops.combine``). The
+ops ``ep_ops.dispatch_permuted`` / ``ep_ops.combine_permuted`` fuse it into the communication:
+the received rows land straight in this layout and combine sums a row's pairs as it sends the row
+back, bitwise equal to ``permute`` after ``dispatch`` and ``unpermute`` before ``combine``
+(``make_permute_map``'s ``num_out`` and ``pad_multiple``, not ``rows_per_expert``). This module
+stays the documented layout, the reference of those ops, and the path of the token dispatcher's
+capacity layout.
 
 Notation: N = received rows, K = expert slots per row, E = local experts, P = permuted rows.
 A *pair* is (row r, slot k) with local expert ``local_idx[r, k]`` (-1 = no expert here); a row
@@ -113,6 +118,16 @@ def make_permute_map(
     slot_pair = torch.full((total + 1,), -1, dtype=torch.int64, device=device)
     slot_pair.scatter_(0, torch.where(keep, slot, total).reshape(-1), pair_ids)
     return PermuteMap(pair_slot, slot_pair[:total], tokens_per_expert)
+
+
+def slot_pair_of(pair_slot: torch.Tensor, num_permuted) -> torch.Tensor:
+    """``PermuteMap.slot_pair`` rebuilt from ``pair_slot`` ([N, K]) and P = ``num_permuted``
+    (the fused dispatch returns only pair_slot)."""
+    keep = pair_slot >= 0
+    pair_ids = torch.arange(pair_slot.numel(), dtype=torch.int64, device=pair_slot.device)
+    slot_pair = torch.full((num_permuted + 1,), -1, dtype=torch.int64, device=pair_slot.device)
+    slot_pair.scatter_(0, torch.where(keep, pair_slot, num_permuted).reshape(-1), pair_ids)
+    return slot_pair[:num_permuted]
 
 
 def permute(x: torch.Tensor, pmap: PermuteMap, num_slots: int) -> torch.Tensor:

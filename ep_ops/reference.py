@@ -30,7 +30,9 @@ __all__ = [
     "per_token_cast_to_fp8",
     "reference_cached_dispatch",
     "reference_combine",
+    "reference_combine_permuted",
     "reference_dispatch",
+    "reference_dispatch_permuted",
     "reference_layout",
     "reference_low_latency_combine",
     "reference_low_latency_combine_backward",
@@ -383,6 +385,115 @@ def reference_combine(xs, topk_weights, bias_0s, bias_1s, handles):
         combined_weights = weight_accs[i] if weight_accs is not None else torch.empty(0, dtype=torch.float32)
         outputs.append((acc.to(dtype), combined_weights))
     return outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# fused permute: dispatch_permuted / combine_permuted
+# ---------------------------------------------------------------------------------------------
+
+
+def _permuted_layout(local: torch.Tensor, num_local: int, pad_multiple: int, num_out: int):
+    """The grouped layout of one rank's pairs (row r, slot k) with local expert local[r, k]:
+    group e holds expert e's pairs in row order, padded to pad_multiple; groups back to back.
+    Returns (pair_slot ``[N, K]`` int64 (-1: no pair, or dropped at or past num_out),
+    tokens_per_expert ``[E_local]`` int64 (padded sizes), P)."""
+    num_rows, num_topk = local.shape
+    pair_slot = torch.full((num_rows, num_topk), -1, dtype=torch.int64)
+    sizes, offset = [], 0
+    for e in range(num_local):
+        pairs = [(r, k) for r in range(num_rows) for k in range(num_topk) if int(local[r, k]) == e]
+        for position, (r, k) in enumerate(pairs):
+            slot = offset + position
+            if num_out == 0 or slot < num_out:
+                pair_slot[r, k] = slot
+        sizes.append(_round_up(len(pairs), pad_multiple))
+        offset += sizes[-1]
+    return pair_slot, torch.tensor(sizes, dtype=torch.int64), num_out if num_out > 0 else offset
+
+
+def reference_dispatch_permuted(
+    xs,
+    x_scales,
+    topk_idxs,
+    topk_weights,
+    is_token_in_ranks,
+    num_experts: int,
+    num_worst_tokens: int = 0,
+    pad_multiple: int = 1,
+    num_out: int = 0,
+):
+    """Reference of ``ep_ops::dispatch_permuted``: ``reference_dispatch``, then each rank's
+    received rows copied to their pairs' rows of the grouped layout (``ep_ops.permute``'s).
+
+    Args: as ``reference_dispatch`` (topk_idxs required, each expert at most once per row), and
+        pad_multiple: each expert group padded with zero rows to this multiple (1 = none).
+        num_out: 0 = exact (P = the padded total); > 0 = P on every rank, pairs whose slot is at
+            or past it dropped.
+    Returns:
+        per rank j the 7-tuple (permuted_x ``[P, H]`` x's dtype (zero padding rows),
+        permuted_x_scales ``[P, H/128]`` float32 or empty, permuted_probs ``[P]`` float32 (the
+        pair's weight, 0 on padding) or empty, tokens_per_expert ``[E_local]`` int64, pair_slot
+        ``[N, K]`` int64, rank_prefix_matrix ``[R, R]`` int32, recv_src_idx ``[N]`` int32).
+    """
+    if topk_idxs is None:
+        raise ValueError("topk_idxs is required")
+    if pad_multiple < 1 or num_out < 0:
+        raise ValueError(f"pad_multiple must be >= 1 and num_out >= 0, got {pad_multiple}, {num_out}")
+    dispatched = reference_dispatch(
+        xs, x_scales, topk_idxs, topk_weights, is_token_in_ranks, num_experts, 1, num_worst_tokens
+    )
+    num_local = _num_local_experts(num_experts, len(dispatched))
+    outputs = []
+    for recv_x, recv_scales, local, weights, _, rpm, src_idx in dispatched:
+        pair_slot, tokens_per_expert, num_permuted = _permuted_layout(local, num_local, pad_multiple, num_out)
+        has_scales, has_weights = recv_scales.dim() == 2, weights.dim() == 2
+        permuted_x = torch.zeros((num_permuted, recv_x.size(1)), dtype=recv_x.dtype)
+        permuted_scales = torch.zeros((num_permuted, recv_scales.size(1)) if has_scales else (0,))
+        probs = torch.zeros((num_permuted,) if has_weights else (0,))
+        for r, k in (pair_slot >= 0).nonzero().tolist():
+            slot = int(pair_slot[r, k])
+            permuted_x[slot] = recv_x[r]
+            if has_scales:
+                permuted_scales[slot] = recv_scales[r]
+            if has_weights:
+                probs[slot] = weights[r, k]
+        outputs.append((permuted_x, permuted_scales, probs, tokens_per_expert, pair_slot, rpm, src_idx))
+    return outputs
+
+
+def reference_combine_permuted(hs, probs, pair_slots, handles):
+    """Reference of ``ep_ops::combine_permuted``.
+
+    Args (one entry per rank):
+        hs[j]: ``[P_j, H]`` float in the permuted layout; probs[j]: ``[P_j]`` float32 or None.
+        pair_slots[j]: ``[N_j, K]`` int64 from the dispatch; handles[j]: (is_token_in_rank,
+            rank_prefix_matrix, recv_src_idx).
+    Returns:
+        per rank i (combined_x ``[T_i, H]`` h's dtype, combined_probs ``[T_i, K]`` float32 or
+        empty float32). Received row n of rank j is first acc = h[pair_slot[n, 0]] (a zero row
+        where the slot is -1), acc = acc + h[pair_slot[n, k]] for k = 1..K-1, in float32
+        (float64 for float64 h), cast to h's dtype (``ep_ops.permute.unpermute``); probs give
+        probs[pair_slot[n, k]] (0 where -1). Then ``reference_combine`` of those rows.
+    """
+    num_ranks = len(hs)
+    probs = _per_rank(probs, num_ranks, "probs")
+    rows, weights = [], []
+    for h, p, pair_slot in zip(hs, probs, pair_slots, strict=True):
+        acc_dtype = _accumulate_dtype(h.dtype)
+        zero = torch.zeros(h.size(1), dtype=acc_dtype)
+        sums = torch.empty((pair_slot.size(0), h.size(1)), dtype=h.dtype)
+        pair_probs = torch.zeros(pair_slot.shape)
+        for n in range(pair_slot.size(0)):
+            acc = None
+            for k, slot in enumerate(pair_slot[n].tolist()):
+                value = h[slot].to(acc_dtype) if slot >= 0 else zero
+                acc = value if acc is None else acc + value
+                if p is not None and slot >= 0:
+                    pair_probs[n, k] = p[slot]
+            sums[n] = acc.to(h.dtype)
+        rows.append(sums)
+        weights.append(pair_probs)
+    return reference_combine(rows, weights if probs[0] is not None else None, None, None, handles)
 
 
 # ---------------------------------------------------------------------------------------------

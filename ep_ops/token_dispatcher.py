@@ -16,7 +16,8 @@ Strategies (``MoEConfig.moe_token_dispatcher_type``):
 
 - ``"flex"`` / ``"alltoall"``: ``ep_ops.fused_a2a`` dispatch and combine (all-to-all). With
   ``moe_flex_dispatcher_backend="hybridep"`` the HybridEP functions do the dispatch and the
-  grouping in one call.
+  grouping in one call; with ``moe_permute_fusion`` (and no pad-to-capacity) the ops
+  ``dispatch_permuted`` / ``combine_permuted`` do.
 - ``"allgather"``: every rank gathers every rank's tokens (``ep_ops_py::all_gather_v``), keeps
   the rows of its experts, and a reduce-scatter (``ep_ops_py::reduce_scatter_v``) sums the
   outputs back. Ranks may hold different token counts (up to ``moe_max_tokens_per_rank``).
@@ -60,7 +61,10 @@ class MoEConfig:
     """Use the fused (DeepEP-style) dispatch; accepted for compatibility, ep_ops always does."""
 
     moe_permute_fusion: bool = False
-    """Accepted for compatibility: the grouping by expert is one index pass either way."""
+    """All-to-all dispatcher without pad-to-capacity: group the rows by expert inside the
+    dispatch and combine ops (``dispatch_permuted`` / ``combine_permuted``) instead of separate
+    ``ep_ops.permute`` passes; same results. (The HybridEP backend always fuses; the static
+    capacity layout is always a separate pass.)"""
 
     moe_expert_capacity_factor: float | None = None
     """Per-expert capacity factor; None = no token is dropped."""
@@ -203,6 +207,8 @@ class MoEFlexTokenDispatcher:
             self.strategy = "alltoall"
             fused_a2a.set_deepep_num_sms(config.moe_deepep_num_sms)
         self.static = config.moe_pad_expert_input_to_capacity
+        # The fused ops lay groups out back to back, not at the capacity layout's fixed offsets.
+        self.fused_permute = self.strategy == "alltoall" and config.moe_permute_fusion and not self.static
         self._reset()
 
     # ------------------------------------------------------------------ state
@@ -239,7 +245,8 @@ class MoEFlexTokenDispatcher:
         error = ValueError(f"MoEFlexTokenDispatcher: {problem}")
         if self.strategy == "allgather":
             raise error
-        fused_a2a._raise_everywhere(self.group, "dispatch", error)
+        op = "dispatch_permuted" if self.fused_permute else "dispatch"
+        fused_a2a._raise_everywhere(self.group, op, error)
 
     def _set_routing(self, hidden_states, num_local_tokens, token_probs, token_indices):
         self.hidden_shape = hidden_states.shape
@@ -298,10 +305,13 @@ class MoEFlexTokenDispatcher:
     ):
         """Moves the rows (``async_finish`` / ``allocate_on_comm_stream``: no effect). Returns (rows this rank's experts need, their probabilities):
         alltoall: ``[N, H]`` and ``[N, K]``; allgather: ``[R * M, H]`` and ``[R * M, K]``;
-        hybridep: already grouped, ``[P, H]`` and ``[P]``."""
+        hybridep and moe_permute_fusion: already grouped, ``[P, H]`` and ``[P]``."""
         config = self.config
         num_experts = config.num_moe_experts
-        if self.strategy == "alltoall":
+        if self.fused_permute:
+            recv_x, recv_probs = self._dispatch_permuted(hidden_states)
+            recv_idx = None
+        elif self.strategy == "alltoall":
             worst = self.ep_size * self._max_tokens(self.num_tokens) if self.static else 0
             recv_x, recv_idx, recv_probs, counts, handle = fused_a2a.fused_dispatch(
                 hidden_states, self.token_indices, self.token_probs, num_experts, self.group,
@@ -315,6 +325,23 @@ class MoEFlexTokenDispatcher:
             recv_idx = None
         self.dispatched_indices, self.dispatched_probs = recv_idx, recv_probs
         return recv_x, recv_probs
+
+    def _dispatch_permuted(self, hidden_states):
+        """Dispatch with the rows landing grouped by local expert: ``[P, H]`` and ``[P]``."""
+        config = self.config
+        name = self.group.group_name
+        fused_a2a._touch_buffer(self.group, hidden_states)
+        _, _, is_token_in_rank = torch.ops.ep_ops.get_dispatch_layout(
+            self.token_indices, config.num_moe_experts, self.ep_size
+        )
+        permuted_x, _, permuted_probs, self.tokens_per_expert, pair_slot, prefix, src_idx = (
+            torch.ops.ep_ops.dispatch_permuted(
+                hidden_states.contiguous(), None, self.token_indices, self.token_probs, is_token_in_rank,
+                config.num_moe_experts, 0, config.moe_router_expert_pad_multiple or 1, 0, name,
+            )
+        )  # fmt: skip
+        self.handle = (pair_slot, is_token_in_rank, prefix, src_idx, name)
+        return permuted_x, permuted_probs
 
     def _all_gather(self, hidden_states):
         name = self.group.group_name
@@ -371,7 +398,7 @@ class MoEFlexTokenDispatcher:
         """Groups the received rows by local expert. Returns (permuted hidden ``[P, H]``,
         tokens_per_expert ``[E_local]`` int64 device tensor (padded group sizes), permuted
         probabilities ``[P]`` (float32, or float64 for moe_router_dtype "fp64"))."""
-        if self.strategy == "hybridep":
+        if self.strategy == "hybridep" or self.fused_permute:
             permuted, permuted_probs = hidden_states, self.dispatched_probs
         else:
             config = self.config
@@ -409,8 +436,8 @@ class MoEFlexTokenDispatcher:
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Ungroups the expert outputs (``[P, H]``): each received row gets the sum of its
-        experts' rows (hybridep: nothing to do here)."""
-        if self.strategy == "hybridep":
+        experts' rows (hybridep and moe_permute_fusion: the combine does it)."""
+        if self.strategy == "hybridep" or self.fused_permute:
             return hidden_states
         return unpermute(hidden_states, self.permute_map)
 
@@ -418,7 +445,9 @@ class MoEFlexTokenDispatcher:
         self, hidden_states: torch.Tensor, async_finish: bool = True, allocate_on_comm_stream: bool = True
     ) -> torch.Tensor:
         """Sums every token's rows back onto its rank: ``[T, H]``."""
-        if self.strategy == "alltoall":
+        if self.fused_permute:
+            out, _ = torch.ops.ep_ops.combine_permuted(hidden_states.contiguous(), None, *self.handle)
+        elif self.strategy == "alltoall":
             out, _ = fused_a2a.fused_combine(
                 hidden_states, self.group, self.handle, async_finish, allocate_on_comm_stream
             )

@@ -5,4 +5,4 @@ point here with ``set_python_module("ep_ops.meta")``, so a fake-tensor trace fin
 when only the compiled library was loaded.
 """
 
-from . import combine, dispatch, layout, low_latency, nvl_buffer  # noqa: F401  (registration side effects)
+from . import combine, dispatch, layout, low_latency, nvl_buffer, permuted  # noqa: F401  (registration side effects)

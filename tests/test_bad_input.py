@@ -346,7 +346,12 @@ def all_ranks_bad_worker(rank, num_ranks, group_name):
     hint = Buffer.get_dispatch_config(R).get_nvl_buffer_size_hint(HIDDEN * 4, R)
     buffer = Buffer(r.group, num_nvl_bytes=hint, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(
         LL_MAX, HIDDEN, R, E))  # fmt: skip
-    for bad_timeout, error in ((0, ValueError), (-1.0, ValueError), (float("nan"), ValueError), ("5", TypeError)):
+    for bad_timeout, error in (
+        (0, ValueError),
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        ("5", TypeError),
+    ):
         fails(error, ["timeout_s must be"], Buffer, r.group, num_nvl_bytes=hint, timeout_s=bad_timeout)
     layout = buffer.get_dispatch_layout(r.topk_idx, E)
     kwargs = {

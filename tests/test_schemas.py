@@ -26,7 +26,9 @@ class TestSchemas(TestCase):
 ep_ops::cached_dispatch(Tensor x, Tensor? x_scales, Tensor is_token_in_rank, Tensor rank_prefix_matrix, Tensor recv_src_idx, str group_name) -> (Tensor recv_x, Tensor recv_x_scales)
 ep_ops::check_nvl_buffers(Tensor device_hint, str group_name) -> ()
 ep_ops::combine(Tensor x, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, Tensor is_token_in_rank, Tensor rank_prefix_matrix, Tensor recv_src_idx, str group_name) -> (Tensor combined_x, Tensor combined_topk_weights)
+ep_ops::combine_permuted(Tensor h, Tensor? probs, Tensor pair_slot, Tensor is_token_in_rank, Tensor rank_prefix_matrix, Tensor recv_src_idx, str group_name) -> (Tensor combined_x, Tensor combined_probs)
 ep_ops::dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, int num_experts, int expert_alignment, int num_worst_tokens, str group_name) -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights, Tensor num_recv_tokens_per_expert, Tensor rank_prefix_matrix, Tensor recv_src_idx)
+ep_ops::dispatch_permuted(Tensor x, Tensor? x_scales, Tensor topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, int num_experts, int num_worst_tokens, int pad_multiple, int num_out, str group_name) -> (Tensor permuted_x, Tensor permuted_x_scales, Tensor permuted_probs, Tensor tokens_per_expert, Tensor pair_slot, Tensor rank_prefix_matrix, Tensor recv_src_idx)
 ep_ops::get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks) -> (Tensor num_tokens_per_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank)
 ep_ops::init_nvl_buffer(Tensor device_hint, str group_name, int num_bytes, bool low_latency=False, float timeout_s=100.) -> Tensor
 ep_ops::low_latency_combine(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor recv_token_slots, int num_max_dispatch_tokens_per_rank, bool use_logfmt, str group_name) -> Tensor combined_x

@@ -110,6 +110,9 @@ def eager_cases(rank, world_size, group):
                 config = {"moe_token_dispatcher_type": strategy, "moe_router_expert_pad_multiple": pad}
                 # The all-gather blocks need the bound when ranks hold different token counts.
                 results[strategy, pad] = run({**config, "moe_max_tokens_per_rank": bound})
+        for pad in (None, PAD):
+            fused = {"moe_token_dispatcher_type": "alltoall", "moe_permute_fusion": True}
+            results["fused permute", pad] = run({**fused, "moe_router_expert_pad_multiple": pad})
         results["dense"] = run({}, dense=True)
         results["fp64"] = run({"moe_router_dtype": "fp64"})
         results["hybridep"] = run(
@@ -124,6 +127,9 @@ def eager_cases(rank, world_size, group):
             # The all-gather strategy gives what the all-to-all gives.
             for a, b in zip(result[:3], results["alltoall", pad][:3], strict=True):
                 assert_close(a, b, rtol=1e-6, atol=1e-6)
+            if strategy == "fused permute":  # the fused ops give what the separate passes give, bitwise
+                for a, b in zip(result[:3], results["alltoall", pad][:3], strict=True):
+                    assert_close(a, b, rtol=0, atol=0)
         assert results["fp64"][3][2].dtype == torch.float64
         assert results["flex", None][3][2].dtype == torch.float32
 

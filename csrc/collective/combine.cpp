@@ -1,8 +1,10 @@
 // Combine: every received row goes back to its source rank, which sums the rows of each token
-// in ascending rank order (float32, float64 for float64 input), then adds the biases.
+// in ascending rank order (float32, float64 for float64 input), then adds the biases. The part
+// after the header exchange (combine_rows) is shared with combine_permuted.
 #include <c10/util/Exception.h>
 
 #include "checks.h"
+#include "combine_rows.h"
 #include "handle.h"
 #include "ops.h"
 #include "process_group.h"
@@ -46,7 +48,17 @@ std::tuple<Tensor, Tensor> combine(const Tensor& x, const OptTensor& topk_weight
                     {"x dtype", static_cast<int64_t>(x.scalar_type())},
                     {"num_topk (-1: no topk_weights)", has_weights ? topk_weights->size(1) : -1}},
                    {});
+  return combine_rows(group, x, topk_weights, bias_0, bias_1, is_token_in_rank, send_counts,
+                      recv_counts);
+}
 
+std::tuple<Tensor, Tensor> combine_rows(const Group& group, const Tensor& x,
+                                        const OptTensor& topk_weights, const OptTensor& bias_0,
+                                        const OptTensor& bias_1, const Tensor& is_token_in_rank,
+                                        const std::vector<int64_t>& send_counts,
+                                        const std::vector<int64_t>& recv_counts) {
+  const int64_t num_ranks = group->getSize();
+  const bool has_weights = topk_weights.has_value();
   int64_t num_valid = 0;
   for (auto c : send_counts) num_valid += c;
   const int64_t payload = x.size(1) * x.element_size();

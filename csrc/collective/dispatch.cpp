@@ -1,94 +1,112 @@
-// Normal and cached dispatch over all-to-all. A token row travels as one byte row:
-// payload | FP8 scales | global expert ids (int64) | weights (float32) | source index (int32).
+// Normal and cached dispatch over all-to-all. A token row travels as one byte row
+// (DispatchRowLayout in dispatch_exchange.h).
 #include <c10/util/Exception.h>
 
 #include "checks.h"
+#include "dispatch_exchange.h"
 #include "handle.h"
 #include "ops.h"
 #include "process_group.h"
 
 namespace ep_ops::collective {
-namespace {
 
-struct RowLayout {
-  int64_t payload, scales, topk, weights;  // byte widths of the fields
-  int64_t scale_at() const { return payload; }
-  int64_t topk_at() const { return payload + scales; }
-  int64_t weights_at() const { return topk_at() + topk; }
-  int64_t src_at() const { return weights_at() + weights; }
-};
-
-}  // namespace
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
-    const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
-    const OptTensor& topk_weights, const Tensor& is_token_in_rank, int64_t num_experts,
-    int64_t expert_alignment, int64_t num_worst_tokens, const std::string& group_name) {
-  const char* op = "dispatch";
+DispatchExchange exchange_dispatch_rows(const char* op, const Tensor& x,
+                                        const OptTensor& x_scales, const OptTensor& topk_idx,
+                                        const OptTensor& topk_weights,
+                                        const Tensor& is_token_in_rank, int64_t num_experts,
+                                        int64_t num_worst_tokens, const std::string& group_name,
+                                        const std::function<void()>& extra_checks,
+                                        const std::vector<SignatureField>& extra_signature) {
   auto group = resolve_group(group_name);
-  const int64_t num_ranks = group->getSize(), rank = group->getRank();
+  DispatchExchange out;
+  const int64_t num_ranks = out.num_ranks = group->getSize();
+  const int64_t rank = out.rank = group->getRank();
 
-  int64_t num_scales = 0, num_topk = 0;
   std::vector<int64_t> send_counts(num_ranks, 0);
   auto checked = run_checks([&] {
-    num_scales = check_payload(x, x_scales, op);
+    out.num_scales = check_payload(x, x_scales, op);
     check_routing(x, topk_idx, topk_weights, is_token_in_rank, num_ranks, op);
     if (topk_idx.has_value()) {
-      num_topk = topk_idx->size(1);
+      out.num_topk = topk_idx->size(1);
       check_num_experts(num_experts, num_ranks, op);
       check_expert_ids(*topk_idx, num_experts, op);
     }
-    TORCH_CHECK_VALUE(expert_alignment >= 1, "ep_ops.", op,
-                      ": expert_alignment must be >= 1, got ", expert_alignment);
     TORCH_CHECK_VALUE(num_worst_tokens >= 0, "ep_ops.", op,
                       ": num_worst_tokens must be >= 0, got ", num_worst_tokens);
+    extra_checks();
     send_counts = column_counts(is_token_in_rank);
   });
   const bool has_topk = topk_idx.has_value(), has_weights = topk_weights.has_value();
-  auto counts = exchange_headers(
-      group, op, x.device(), checked,
-      {{"hidden", checked.ok() ? x.size(1) : 0},
-       {"x dtype", static_cast<int64_t>(x.scalar_type())},
-       {"FP8 scales given", x_scales.has_value()},
-       {"num_topk (-1: no topk_idx)", has_topk ? num_topk : -1},
-       {"topk_weights given", has_weights},
-       {"num_experts", has_topk ? num_experts : 0},
-       {"num_worst_tokens", num_worst_tokens}},
-      send_counts);
+  std::vector<SignatureField> signature{
+      {"hidden", checked.ok() ? x.size(1) : 0},
+      {"x dtype", static_cast<int64_t>(x.scalar_type())},
+      {"FP8 scales given", x_scales.has_value()},
+      {"num_topk (-1: no topk_idx)", has_topk ? out.num_topk : -1},
+      {"topk_weights given", has_weights},
+      {"num_experts", has_topk ? num_experts : 0},
+      {"num_worst_tokens", num_worst_tokens}};
+  signature.insert(signature.end(), extra_signature.begin(), extra_signature.end());
+  out.counts = exchange_headers(group, op, x.device(), checked, signature, send_counts);
+  const auto& counts = out.counts;
 
   std::vector<int64_t> recv_counts(num_ranks);
-  int64_t num_recv = 0;
-  for (int64_t i = 0; i < num_ranks; ++i) num_recv += recv_counts[i] = counts[i][rank];
+  for (int64_t i = 0; i < num_ranks; ++i) out.num_recv += recv_counts[i] = counts[i][rank];
   if (num_worst_tokens > 0) {
     // Every rank sees the whole count matrix, so every rank raises the same error.
     for (int64_t j = 0; j < num_ranks; ++j) {
       int64_t total = 0;
       for (int64_t i = 0; i < num_ranks; ++i) total += counts[i][j];
-      TORCH_CHECK_VALUE(total <= num_worst_tokens, "ep_ops.dispatch: num_worst_tokens (",
+      TORCH_CHECK_VALUE(total <= num_worst_tokens, "ep_ops.", op, ": num_worst_tokens (",
                         num_worst_tokens, ") is smaller than the ", total,
                         " tokens rank ", j, " receives");
     }
   }
+  out.rows = num_worst_tokens > 0 ? num_worst_tokens : out.num_recv;
 
   // Pack this rank's outgoing rows.
-  const RowLayout layout{x.size(1) * x.element_size(), num_scales * 4, num_topk * 8,
-                         has_weights ? num_topk * 4 : 0};
+  out.layout = {x.size(1) * x.element_size(), out.num_scales * 4, out.num_topk * 8,
+                has_weights ? out.num_topk * 4 : 0};
   auto order = send_order(is_token_in_rank);
   std::vector<Tensor> fields{byte_rows(x.index_select(0, order))};
   if (x_scales.has_value()) fields.push_back(byte_rows(x_scales->index_select(0, order)));
   if (has_topk) fields.push_back(byte_rows(topk_idx->index_select(0, order)));
   if (has_weights) fields.push_back(byte_rows(topk_weights->index_select(0, order)));
   fields.push_back(byte_rows(order.to(at::kInt)));
-  auto received = all_to_all_rows(group, at::cat(fields, 1), send_counts, recv_counts);
+  out.received = all_to_all_rows(group, at::cat(fields, 1), send_counts, recv_counts);
+  return out;
+}
+
+Tensor local_expert_ids(const Tensor& global, int64_t rank, int64_t experts_per_rank) {
+  const int64_t first = rank * experts_per_rank;
+  auto is_local = (global >= first) & (global < first + experts_per_rank);
+  return at::where(is_local, global - first, at::full_like(global, -1));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
+    const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
+    const OptTensor& topk_weights, const Tensor& is_token_in_rank, int64_t num_experts,
+    int64_t expert_alignment, int64_t num_worst_tokens, const std::string& group_name) {
+  const char* op = "dispatch";
+  auto ex = exchange_dispatch_rows(
+      op, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts, num_worst_tokens,
+      group_name,
+      [&] {
+        TORCH_CHECK_VALUE(expert_alignment >= 1, "ep_ops.", op,
+                          ": expert_alignment must be >= 1, got ", expert_alignment);
+      },
+      {});
+  const auto& received = ex.received;
+  const auto& layout = ex.layout;
+  const int64_t rows = ex.rows, num_recv = ex.num_recv, num_topk = ex.num_topk;
 
   // Unpack; worst-token mode pads every row-indexed output to num_worst_tokens rows.
-  const int64_t rows = num_worst_tokens > 0 ? num_worst_tokens : num_recv;
   auto x_bytes = field_from_bytes(received, 0, layout.payload, at::kByte);
   auto recv_x = pad_rows(x_bytes, rows, 0).view(x.scalar_type());
   auto f32 = x.options().dtype(at::kFloat);
   auto recv_x_scales =
       x_scales.has_value()
-          ? pad_rows(field_from_bytes(received, layout.scale_at(), num_scales, at::kFloat), rows, 0)
+          ? pad_rows(field_from_bytes(received, layout.scale_at(), ex.num_scales, at::kFloat),
+                     rows, 0)
           : at::empty({0}, f32);
   auto recv_src_idx =
       pad_rows(field_from_bytes(received, layout.src_at(), 1, at::kInt).view(-1), rows, -1);
@@ -96,12 +114,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
   Tensor recv_topk_idx = at::empty({0}, x.options().dtype(at::kLong));
   Tensor recv_topk_weights = at::empty({0}, f32);
   Tensor per_expert = at::empty({0}, x.options().dtype(at::kInt));
-  if (has_topk) {
-    const int64_t per_rank = num_experts / num_ranks, first = rank * per_rank;
+  if (topk_idx.has_value()) {
+    const int64_t per_rank = num_experts / ex.num_ranks;
     auto global = field_from_bytes(received, layout.topk_at(), num_topk, at::kLong);
-    auto is_local = (global >= first) & (global < first + per_rank);
-    auto local = at::where(is_local, global - first, at::full_like(global, -1));
-    if (has_weights) {
+    auto local = local_expert_ids(global, ex.rank, per_rank);
+    auto is_local = local >= 0;
+    if (topk_weights.has_value()) {
       auto w = field_from_bytes(received, layout.weights_at(), num_topk, at::kFloat);
       recv_topk_weights = pad_rows(at::where(is_local, w, at::zeros_like(w)), rows, 0);
     }
@@ -114,8 +132,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
                      .to(at::kInt);
     recv_topk_idx = pad_rows(local, rows, -1);
   }
-  return {recv_x,      recv_x_scales, recv_topk_idx, recv_topk_weights,
-          per_expert,  prefix_matrix(counts, x.device()), recv_src_idx};
+  return {recv_x,     recv_x_scales, recv_topk_idx, recv_topk_weights,
+          per_expert, prefix_matrix(ex.counts, x.device()), recv_src_idx};
 }
 
 std::tuple<Tensor, Tensor> cached_dispatch(const Tensor& x, const OptTensor& x_scales,

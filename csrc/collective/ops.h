@@ -33,6 +33,26 @@ std::tuple<Tensor, Tensor> combine(const Tensor& x, const OptTensor& topk_weight
                                    const Tensor& rank_prefix_matrix, const Tensor& recv_src_idx,
                                    const std::string& group_name);
 
+// dispatch with the received rows grouped by local expert (permute_map.h's layout).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch_permuted(
+    const Tensor& x, const OptTensor& x_scales, const Tensor& topk_idx,
+    const OptTensor& topk_weights, const Tensor& is_token_in_rank, int64_t num_experts,
+    int64_t num_worst_tokens, int64_t pad_multiple, int64_t num_out,
+    const std::string& group_name);
+
+// Its inverse: each row sums its pairs' rows of h, then combine.
+std::tuple<Tensor, Tensor> combine_permuted(const Tensor& h, const OptTensor& probs,
+                                            const Tensor& pair_slot,
+                                            const Tensor& is_token_in_rank,
+                                            const Tensor& rank_prefix_matrix,
+                                            const Tensor& recv_src_idx,
+                                            const std::string& group_name);
+
+// combine_permuted's checks of h, probs and pair_slot (the NVLink entry point runs them too).
+void check_combine_permuted_inputs(const Tensor& h, const OptTensor& probs,
+                                   const Tensor& pair_slot, const Tensor& recv_src_idx,
+                                   const char* op);
+
 using LowLatencyRecv = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 Tensor low_latency_dispatch_send(const Tensor& x, const Tensor& topk_idx, int64_t num_max,

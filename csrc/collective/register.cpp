@@ -15,6 +15,12 @@ void register_normal_kernels(torch::Library& m) {
   m.impl("combine", &combine);
 }
 
+// The fused-permute ops: on CUDA, csrc/cuda/register_permuted.cpp chooses NVLink or these.
+void register_permuted_kernels(torch::Library& m) {
+  m.impl("dispatch_permuted", &dispatch_permuted);
+  m.impl("combine_permuted", &combine_permuted);
+}
+
 void register_low_latency_kernels(torch::Library& m) {
   m.impl("low_latency_dispatch", &low_latency_dispatch);
   m.impl("low_latency_dispatch_send", &low_latency_dispatch_send);
@@ -30,6 +36,7 @@ void register_low_latency_kernels(torch::Library& m) {
 TORCH_LIBRARY_IMPL(ep_ops, CPU, m) {
   m.impl("get_dispatch_layout", &get_dispatch_layout);
   register_normal_kernels(m);
+  register_permuted_kernels(m);
   register_low_latency_kernels(m);
 }
 
@@ -37,6 +44,7 @@ TORCH_LIBRARY_IMPL(ep_ops, CPU, m) {
 TORCH_LIBRARY_IMPL(ep_ops, CUDA, m) {
   m.impl("get_dispatch_layout", &get_dispatch_layout);
   register_normal_kernels(m);
+  register_permuted_kernels(m);
   register_low_latency_kernels(m);
 }
 #endif

@@ -12,6 +12,8 @@
 #include "low_latency_checks.cpp"
 #include "low_latency_combine.cpp"
 #include "low_latency_dispatch.cpp"
+#include "permute_map.cpp"
+#include "permuted.cpp"
 #include "process_group.cpp"
 #include "register.cpp"
 #include "routing.cpp"

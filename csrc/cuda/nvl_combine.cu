@@ -2,7 +2,8 @@
 //
 //   begin: wait until every source consumed our previous combine rows; open the epoch.
 //   send:  every received row goes back into its source rank's combine region, into the block
-//          of rows that source had sent us, at the row's index in that block.
+//          of rows that source had sent us, at the row's index in that block (combine_permuted:
+//          the row is the sum of its pairs' rows of h, made as it is sent).
 //   recv:  each token sums its rows over destination ranks in ascending order (float32), then
 //          bias_0, then bias_1 (the collective backend's order, so results match it bitwise).
 #include <ATen/ATen.h>
@@ -13,7 +14,9 @@
 #include <cuda_fp16.h>
 
 #include "nvl_buffer.h"
+#include "nvl_convert.cuh"
 #include "nvl_dispatch.h"
+#include "nvl_permute.cuh"
 #include "nvl_positions.cuh"
 #include "nvl_rows.cuh"
 #include "nvl_signals.cuh"
@@ -25,24 +28,6 @@ constexpr int kSendBlocks = 256;
 constexpr int kRecvBlocks = 256;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-
-template <typename T>
-struct Convert;
-template <>
-struct Convert<__nv_bfloat16> {
-  static __device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
-template <>
-struct Convert<__half> {
-  static __device__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __half from_float(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Convert<float> {
-  static __device__ float to_float(float v) { return v; }
-  static __device__ float from_float(float v) { return v; }
-};
 
 // Rows source `s` sent to rank `d` in the dispatch, from the prefix matrix.
 __device__ __forceinline__ int32_t sent(const int32_t* prefix, int R, int s, int d) {
@@ -67,8 +52,11 @@ struct SendArgs {
   const uint8_t* weights;
   const int32_t* prefix;
   int64_t payload, weight_bytes, row_bytes;
+  const int64_t* pair_slot;  // combine_permuted: [N, num_pairs]; x is h, weights are probs [P]
+  int num_pairs;
 };
 
+template <typename T>
 __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) {
   if (watchdog_tripped(v.watchdog)) return;  // begin gave up: the peers may still read our rows
   const int me = v.rank, R = v.num_ranks, lane = threadIdx.x % 32;
@@ -80,6 +68,15 @@ __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) 
     int64_t block = 0;  // rows source s sent to ranks below us come first in its region
     for (int d = 0; d < me; ++d) block += sent(a.prefix, R, s, d);
     uint8_t* dst = v.combine_region(s) + (block + index) * a.row_bytes;
+    if (a.pair_slot) {
+      const int64_t* slots = a.pair_slot + n * a.num_pairs;
+      warp_sum_pairs<T>(dst, a.x, slots, a.num_pairs, a.payload, lane);
+      if (a.weights) {
+        warp_gather_pairs(reinterpret_cast<float*>(dst + a.payload), reinterpret_cast<const float*>(a.weights),
+                          slots, a.num_pairs, lane);
+      }
+      continue;
+    }
     warp_copy(dst, a.x + n * a.payload, a.payload, lane);
     if (a.weights) warp_copy_words(dst + a.payload, a.weights + n * a.weight_bytes, a.weight_bytes, lane);
   }
@@ -166,6 +163,14 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
   }
 }
 
+template <typename T>
+void launch_send_and_recv(const PeerView& v, const SendArgs& send, const RecvArgs& recv, cudaStream_t stream) {
+  send_kernel<T><<<kSendBlocks, kThreads, 0, stream>>>(v, send);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  recv_kernel<T><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tensor& x_in,
@@ -173,21 +178,28 @@ std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tens
                                                const std::optional<at::Tensor>& bias_0,
                                                const std::optional<at::Tensor>& bias_1,
                                                const at::Tensor& is_token_in_rank,
-                                               const at::Tensor& rank_prefix_matrix) {
+                                               const at::Tensor& rank_prefix_matrix,
+                                               const std::optional<at::Tensor>& pair_slot_in) {
   c10::cuda::CUDAGuard guard(x_in.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto x = x_in.contiguous();
   auto in_rank = is_token_in_rank.contiguous();
   auto prefix = rank_prefix_matrix.contiguous();
   const int64_t num_tokens = in_rank.size(0), hidden = x.size(1);
-  const int num_topk = topk_weights.has_value() ? static_cast<int>(topk_weights->size(1)) : 0;
+  // combine_permuted sends one row per received row (pair_slot's), weights per (row, slot).
+  auto pair_slot = pair_slot_in.has_value() ? std::optional<at::Tensor>(pair_slot_in->contiguous()) : std::nullopt;
+  const int64_t num_rows = pair_slot.has_value() ? pair_slot->size(0) : x.size(0);
+  const int num_pairs = pair_slot.has_value() ? static_cast<int>(pair_slot->size(1)) : 0;
+  const int num_topk = !topk_weights.has_value() ? 0
+                       : pair_slot.has_value()   ? num_pairs
+                                                 : static_cast<int>(topk_weights->size(1));
   const int64_t payload = hidden * x.element_size();
   const int64_t weight_bytes = 4LL * num_topk;
   const int64_t row_bytes = payload + round16(weight_bytes);
   const int64_t capacity_rows = v.region_bytes / row_bytes;
-  TORCH_CHECK_VALUE(x.size(0) <= capacity_rows, "ep_ops.combine: the NVLink buffer holds ",
-                    capacity_rows, " rows of ", row_bytes, " bytes, this call may need ", x.size(0),
-                    "; num_nvl_bytes must be at least ", kControlBytes + 2 * x.size(0) * row_bytes);
+  TORCH_CHECK_VALUE(num_rows <= capacity_rows, "ep_ops.combine: the NVLink buffer holds ",
+                    capacity_rows, " rows of ", row_bytes, " bytes, this call may need ", num_rows,
+                    "; num_nvl_bytes must be at least ", kControlBytes + 2 * num_rows * row_bytes);
   auto w = topk_weights.has_value() ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
   auto b0 = bias_0.has_value() ? std::optional<at::Tensor>(bias_0->contiguous()) : std::nullopt;
   auto b1 = bias_1.has_value() ? std::optional<at::Tensor>(bias_1->contiguous()) : std::nullopt;
@@ -198,9 +210,8 @@ std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   SendArgs send{static_cast<const uint8_t*>(x.data_ptr()),
                 w.has_value() ? static_cast<const uint8_t*>(w->data_ptr()) : nullptr,
-                prefix.data_ptr<int32_t>(), payload, weight_bytes, row_bytes};
-  send_kernel<<<kSendBlocks, kThreads, 0, stream>>>(v, send);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                prefix.data_ptr<int32_t>(), payload, weight_bytes, row_bytes,
+                pair_slot.has_value() ? pair_slot->data_ptr<int64_t>() : nullptr, num_pairs};
 
   auto out = at::empty({num_tokens, hidden}, x.options());
   auto out_weights = at::empty(w.has_value() ? at::IntArrayRef{num_tokens, num_topk} : at::IntArrayRef{0},
@@ -213,19 +224,18 @@ std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tens
                 static_cast<int>(num_tokens), num_topk, payload, row_bytes};
   switch (x.scalar_type()) {
     case at::kBFloat16:
-      recv_kernel<__nv_bfloat16><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+      launch_send_and_recv<__nv_bfloat16>(v, send, recv, stream);
       break;
     case at::kHalf:
-      recv_kernel<__half><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+      launch_send_and_recv<__half>(v, send, recv, stream);
       break;
     case at::kFloat:
-      recv_kernel<float><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+      launch_send_and_recv<float>(v, send, recv, stream);
       break;
-    default:
+    default:  // the begin kernel has run: the callers route other dtypes to the collective backend
       TORCH_CHECK_TYPE(false, "ep_ops.combine: the NVLink kernel takes bfloat16, float16 or float32, got ",
                        x.scalar_type());
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, out_weights};
 }
 

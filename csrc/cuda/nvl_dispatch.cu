@@ -17,6 +17,7 @@
 #include "nvl_buffer.h"
 #include "nvl_dispatch.h"
 #include "nvl_positions.cuh"
+#include "nvl_recv_done.cuh"
 #include "nvl_rows.cuh"
 #include "nvl_signals.cuh"
 
@@ -24,7 +25,7 @@ namespace ep_ops::cuda {
 namespace {
 
 constexpr int kSendBlocks = 256;  // fixed: receivers count send blocks to know a source is done
-constexpr int kRecvBlocks = 256;
+constexpr int kRecvBlocks = kDispatchRecvBlocks;  // the freed ticket counts them (nvl_recv_done.cuh)
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxLocalExperts = 1024;
@@ -134,6 +135,9 @@ struct RecvArgs {
   int64_t num_rows;        // rows of the outputs (N, or num_worst_tokens)
   RowLayout row;
   int num_scales, num_topk, experts_per_rank;
+  // false: the routing pass of dispatch_permuted (recv_x null): the rows stay in the buffer for
+  // its permuted copy, which posts the freed flags instead.
+  bool post_freed;
 };
 
 __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) {
@@ -152,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
   for (int64_t n = blockIdx.x * kWarps + tid / 32; n < a.num_rows; n += gridDim.x * kWarps) {
     uint8_t* out = a.recv_x + n * a.row.payload;
     if (n >= num_valid) {  // worst-token padding
-      for (int64_t i = lane; i < a.row.payload / 16; i += 32) reinterpret_cast<int4*>(out)[i] = int4{0, 0, 0, 0};
+      for (int64_t i = lane; i < a.row.payload / 16 && a.recv_x; i += 32) reinterpret_cast<int4*>(out)[i] = int4{0, 0, 0, 0};
       for (int i = lane; i < a.num_scales; i += 32) a.recv_scales[n * a.num_scales + i] = 0.f;
       for (int k = lane; k < a.num_topk && a.recv_topk; k += 32) a.recv_topk[n * a.num_topk + k] = -1;
       for (int k = lane; k < a.num_topk && a.recv_weights; k += 32) a.recv_weights[n * a.num_topk + k] = 0.f;
@@ -160,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
       continue;
     }
     const uint8_t* src = v.dispatch_region(me) + n * row_bytes;
-    warp_copy(out, src, a.row.payload, lane);
+    if (a.recv_x) warp_copy(out, src, a.row.payload, lane);
     const auto* scales = reinterpret_cast<const float*>(src + a.row.scales_at());
     for (int i = lane; i < a.num_scales; i += 32) a.recv_scales[n * a.num_scales + i] = scales[i];
     if (a.recv_topk) {
@@ -188,15 +192,7 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
   for (int i = tid; i < a.experts_per_rank && a.recv_topk; i += blockDim.x) {
     if (hist[i]) atomicAdd(&a.expert_counts[i], hist[i]);
   }
-  // The last block to finish tells every source that its rows are consumed.
-  __syncthreads();
-  if (tid == 0) {
-    fence_gpu();
-    const uint64_t ticket = atomicAdd(reinterpret_cast<unsigned long long*>(&mine->dispatch_recv_tickets), 1ULL) + 1;
-    if (ticket % kRecvBlocks == 0) {
-      for (int s = 0; s < R; ++s) store_release(&v.control(s)->dispatch_freed[me], cur);
-    }
-  }
+  if (a.post_freed) dispatch_recv_block_done(v, cur);
 }
 
 const uint8_t* bytes_of(const std::optional<at::Tensor>& t) {
@@ -218,7 +214,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                                const at::Tensor& is_token_in_rank, int64_t num_experts,
                                int64_t expert_alignment, int64_t num_worst_tokens,
                                const std::optional<at::Tensor>& given_prefix,
-                               int64_t given_rows) {
+                               int64_t given_rows, bool routing_only) {
   c10::cuda::CUDAGuard guard(x_in.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int R = v.num_ranks, me = v.rank;
@@ -228,8 +224,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   const int num_scales = x_scales.has_value() ? static_cast<int>(x_scales->size(1)) : 0;
   const int num_topk = topk_idx.has_value() ? static_cast<int>(topk_idx->size(1)) : 0;
   const bool has_weights = topk_weights.has_value();
-  const RowLayout row{hidden * x.element_size(), round16(4 * num_scales), round16(8 * num_topk),
-                      has_weights ? round16(4 * num_topk) : 0};
+  const RowLayout row = dispatch_row_layout(hidden * x.element_size(), num_scales, num_topk, has_weights);
   const int64_t capacity_rows = v.region_bytes / row.bytes();
   auto int_options = x.options().dtype(at::kInt);
 
@@ -284,8 +279,9 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   TORCH_CHECK_VALUE(per_rank <= kMaxLocalExperts, "ep_ops.dispatch: at most ", kMaxLocalExperts,
                     " experts per rank on NVLink, got ", per_rank);
   NvlDispatchResult out;
-  out.recv_x = at::empty({num_rows, hidden}, x.options());
-  out.recv_x_scales = at::empty(s.has_value() ? at::IntArrayRef{num_rows, num_scales} : at::IntArrayRef{0},
+  const bool copy_rows = !routing_only;
+  out.recv_x = at::empty(copy_rows ? at::IntArrayRef{num_rows, hidden} : at::IntArrayRef{0}, x.options());
+  out.recv_x_scales = at::empty(s.has_value() && copy_rows ? at::IntArrayRef{num_rows, num_scales} : at::IntArrayRef{0},
                                 x.options().dtype(at::kFloat));
   out.recv_topk_idx = at::empty(idx.has_value() ? at::IntArrayRef{num_rows, num_topk} : at::IntArrayRef{0},
                                 x.options().dtype(at::kLong));
@@ -294,13 +290,14 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   out.num_recv_tokens_per_expert = at::zeros({idx.has_value() ? per_rank : 0}, int_options);
   out.recv_src_idx = at::empty({num_rows}, int_options);
   out.rank_prefix_matrix = prefix;
-  RecvArgs recv{static_cast<uint8_t*>(out.recv_x.data_ptr()),
-                s.has_value() ? out.recv_x_scales.data_ptr<float>() : nullptr,
+  RecvArgs recv{copy_rows ? static_cast<uint8_t*>(out.recv_x.data_ptr()) : nullptr,
+                s.has_value() && copy_rows ? out.recv_x_scales.data_ptr<float>() : nullptr,
                 idx.has_value() ? out.recv_topk_idx.data_ptr<int64_t>() : nullptr,
                 has_weights ? out.recv_topk_weights.data_ptr<float>() : nullptr,
                 out.recv_src_idx.data_ptr<int32_t>(),
                 out.num_recv_tokens_per_expert.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
-                num_rows, row, num_scales, num_topk, static_cast<int>(per_rank)};
+                num_rows, row, copy_rows ? num_scales : 0, num_topk, static_cast<int>(per_rank),
+                /*post_freed=*/copy_rows};
   recv_kernel<<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (idx.has_value() && expert_alignment > 1) {

@@ -20,6 +20,13 @@ struct RowLayout {
   __host__ __device__ int64_t bytes() const { return src_at() + 16; }
 };
 
+// The row dispatch sends: payload bytes, then num_scales float32, num_topk int64 ids and (with
+// weights) num_topk float32, each field rounded up to 16 bytes.
+__host__ __device__ inline RowLayout dispatch_row_layout(int64_t payload, int num_scales, int num_topk,
+                                                         bool has_weights) {
+  return {payload, round16(4 * num_scales), round16(8 * num_topk), has_weights ? round16(4 * num_topk) : 0};
+}
+
 // The warp copies `bytes` (a multiple of 16) from src to dst, lanes striding by 16 bytes. Each
 // lane issues kUnroll loads before its stores: a copy is bound by load latency, not bandwidth,
 // unless several loads are in flight. kReadOnly: the source is an input no one writes during the

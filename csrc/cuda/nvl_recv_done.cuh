@@ -1,0 +1,28 @@
+// The end of a dispatch receive: the last of the kDispatchRecvBlocks blocks to finish tells every
+// source that its rows in our buffer are consumed. A ticket in the buffer counts the blocks
+// (cumulative, never reset, so graph replays stay in step); every receiving kernel that ends a
+// dispatch runs exactly kDispatchRecvBlocks blocks and calls this once per block.
+#pragma once
+
+#include "nvl_buffer.h"
+#include "nvl_dispatch.h"
+#include "nvl_signals.cuh"
+
+namespace ep_ops::cuda {
+
+// Called by every thread of the block after its last read of the dispatch region.
+__device__ inline void dispatch_recv_block_done(const PeerView& v, uint64_t epoch) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int me = v.rank;
+    Control* mine = v.control(me);
+    fence_gpu();
+    const uint64_t ticket =
+        atomicAdd(reinterpret_cast<unsigned long long*>(&mine->dispatch_recv_tickets), 1ULL) + 1;
+    if (ticket % kDispatchRecvBlocks == 0) {
+      for (int s = 0; s < v.num_ranks; ++s) store_release(&v.control(s)->dispatch_freed[me], epoch);
+    }
+  }
+}
+
+}  // namespace ep_ops::cuda
