@@ -44,7 +44,11 @@ def nvl_timeout_s(timeout_s: float | None = None) -> float:
     """The NVLink kernels' wait timeout in seconds: ``timeout_s`` if given, else the environment's
     ``EP_OPS_NVL_TIMEOUT_S``, else 100. Checked: a positive finite number."""
     if timeout_s is None:
-        timeout_s = float(os.environ.get("EP_OPS_NVL_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        value = os.environ.get("EP_OPS_NVL_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+        try:
+            timeout_s = float(value)
+        except ValueError:
+            raise ValueError(f"EP_OPS_NVL_TIMEOUT_S must be a number of seconds, got {value!r}") from None
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
         raise TypeError(f"timeout_s must be a number of seconds, got {type(timeout_s).__name__}")
     if not 0 < timeout_s < 1e6:

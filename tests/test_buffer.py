@@ -652,3 +652,20 @@ def single_rank_worker(rank, num_ranks, group_name):
 
 def test_single_rank_buffer():
     assert parallel_launch(1, single_rank_worker, timeout=TIMEOUT) == ["ok"]
+
+
+def test_nvl_timeout_setting(monkeypatch):
+    """The NVLink wait timeout: the argument, else EP_OPS_NVL_TIMEOUT_S, else 100 s; checked."""
+    from ep_ops.nvl import DEFAULT_TIMEOUT_S, nvl_timeout_s
+
+    monkeypatch.delenv("EP_OPS_NVL_TIMEOUT_S", raising=False)
+    assert nvl_timeout_s() == DEFAULT_TIMEOUT_S == 100.0
+    assert nvl_timeout_s(2) == 2.0
+    monkeypatch.setenv("EP_OPS_NVL_TIMEOUT_S", "7.5")
+    assert nvl_timeout_s() == 7.5 and nvl_timeout_s(3.0) == 3.0
+    monkeypatch.setenv("EP_OPS_NVL_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="EP_OPS_NVL_TIMEOUT_S must be a number of seconds, got 'soon'"):
+        nvl_timeout_s()
+    monkeypatch.setenv("EP_OPS_NVL_TIMEOUT_S", "-1")
+    with pytest.raises(ValueError, match="timeout_s must be a positive number"):
+        nvl_timeout_s()
