@@ -10,9 +10,14 @@ stays usable.
 One launch on GPU_RANKS GPUs runs the scenarios in turn, each on a fresh Buffer: every rank runs
 the step once together (so the group is known to work), then the last rank (LATE) skips the op
 under test and waits (on the launch's TCP store, not the GPU) until the others have reported.
+A second launch has the last rank exit (as if crashed) after the first round trip: the others
+write what they saw to files, since a dead rank fails the launch itself.
 """
 
+import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +162,54 @@ def test_stopped_peer_raises_on_every_waiting_rank():
             assert seen["next_call_after_s"] < 1.0, where
             assert seen["context_usable"], where
     assert all(seen == {} for seen in results[late].values()), results[late]
+
+
+def crashed_peer_worker(rank: int, num_ranks: int, group_name: str, out_dir: str) -> str:
+    """One low-latency round trip together; then the last rank exits and the others try
+    another low-latency dispatch and record the outcome in ``out_dir``."""
+    from ep_ops import Buffer
+    from ep_ops.nvl import check_nvl_buffers
+
+    group = dist.group.WORLD
+    device = torch.device("cuda", torch.cuda.current_device())
+    x, topk_idx, weights, num_experts = _inputs(rank, num_ranks, device)
+    buffer = Buffer(
+        group,
+        num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(NUM_MAX, HIDDEN, num_ranks, num_experts),
+        timeout_s=TIMEOUT_S,
+    )
+    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, NUM_MAX, num_experts, use_fp8=False)
+    buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
+    torch.cuda.synchronize()
+    _store_barrier("crash: round trip done", num_ranks)
+    if rank == num_ranks - 1:
+        os._exit(1)  # no exception, no goodbye: like a crash
+    start = time.monotonic()
+    outcome = {}
+    try:
+        buffer.low_latency_dispatch(x, topk_idx, NUM_MAX, num_experts, use_fp8=False)
+        torch.cuda.synchronize()
+        check_nvl_buffers(group)
+    except RuntimeError as error:
+        outcome["error"] = str(error)
+    outcome["error_after_s"] = time.monotonic() - start
+    path = Path(out_dir) / f"rank{rank}.json"
+    path.with_suffix(".tmp").write_text(json.dumps(outcome))
+    path.with_suffix(".tmp").rename(path)
+    return "survived"
+
+
+def test_crashed_peer_raises_on_every_other_rank(tmp_path):
+    late = GPU_RANKS - 1
+    with pytest.raises(RuntimeError, match=rf"rank\(s\) \[{late}\]"):
+        parallel_launch(
+            GPU_RANKS, crashed_peer_worker, str(tmp_path), backend="nccl", device="cuda", timeout=120
+        )
+    for rank in range(late):
+        path = tmp_path / f"rank{rank}.json"
+        assert path.exists(), f"rank {rank} did not report: it hung or was stopped"
+        seen = json.loads(path.read_text())
+        error = seen.get("error", "")
+        assert f"rank {rank} waited" in error and f"for rank {late} (" in error, seen
+        assert "low-latency dispatch: the peer's rows" in error, seen
+        assert TIMEOUT_S * 0.9 < seen["error_after_s"] < TIMEOUT_S + SLACK_S, seen
