@@ -51,20 +51,32 @@ def _store_barrier(name: str, num_ranks: int) -> None:
         time.sleep(0.01)
 
 
+def _buffer(num_ranks: int, num_experts: int):
+    """A Buffer on WORLD for both modes at this file's sizes, waiting TIMEOUT_S for a peer."""
+    from ep_ops import Buffer
+
+    return Buffer(
+        dist.group.WORLD,
+        num_nvl_bytes=Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks),
+        num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(NUM_MAX, HIDDEN, num_ranks, num_experts),
+        timeout_s=TIMEOUT_S,
+    )
+
+
+def _low_latency_round_trip(buffer, x, topk_idx, weights, num_experts):
+    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, NUM_MAX, num_experts, use_fp8=False)
+    combined, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
+    return combined
+
+
 def _scenario(name: str, rank: int, num_ranks: int, late: bool) -> dict:
     """Runs one scenario; returns what a surviving rank saw (nothing for the late rank)."""
-    from ep_ops import Buffer
     from ep_ops.nvl import check_nvl_buffers
 
     group = dist.group.WORLD
     device = torch.device("cuda", torch.cuda.current_device())
     x, topk_idx, weights, num_experts = _inputs(rank, num_ranks, device)
-    buffer = Buffer(
-        group,
-        num_nvl_bytes=Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(HIDDEN * 2, num_ranks),
-        num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(NUM_MAX, HIDDEN, num_ranks, num_experts),
-        timeout_s=TIMEOUT_S,
-    )
+    buffer = _buffer(num_ranks, num_experts)
     layout = buffer.get_dispatch_layout(topk_idx, num_experts)
 
     def dispatch():
@@ -75,11 +87,7 @@ def _scenario(name: str, rank: int, num_ranks: int, late: bool) -> dict:
         return recv_x, handle
 
     def low_latency_round_trip():
-        recv_x, _, handle, _, _ = buffer.low_latency_dispatch(
-            x, topk_idx, NUM_MAX, num_experts, use_fp8=False
-        )
-        combined, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
-        return combined
+        return _low_latency_round_trip(buffer, x, topk_idx, weights, num_experts)
 
     # Together once: the group works.
     recv_x, handle = dispatch()
@@ -167,19 +175,13 @@ def test_stopped_peer_raises_on_every_waiting_rank():
 def crashed_peer_worker(rank: int, num_ranks: int, group_name: str, out_dir: str) -> str:
     """One low-latency round trip together; then the last rank exits and the others try
     another low-latency dispatch and record the outcome in ``out_dir``."""
-    from ep_ops import Buffer
     from ep_ops.nvl import check_nvl_buffers
 
     group = dist.group.WORLD
     device = torch.device("cuda", torch.cuda.current_device())
     x, topk_idx, weights, num_experts = _inputs(rank, num_ranks, device)
-    buffer = Buffer(
-        group,
-        num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(NUM_MAX, HIDDEN, num_ranks, num_experts),
-        timeout_s=TIMEOUT_S,
-    )
-    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, NUM_MAX, num_experts, use_fp8=False)
-    buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
+    buffer = _buffer(num_ranks, num_experts)
+    _low_latency_round_trip(buffer, x, topk_idx, weights, num_experts)
     torch.cuda.synchronize()
     _store_barrier("crash: round trip done", num_ranks)
     if rank == num_ranks - 1:
