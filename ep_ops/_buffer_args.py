@@ -16,5 +16,16 @@ def _check_tensor(t, name: str, method: str, dtype=None, shape=None) -> None:
         raise ValueError(f"{method}: {name} must have shape {expected}, got {list(t.shape)}")
 
 
+def _check_handle_tuple(handle, length: int, expected: str, source: str, method: str) -> tuple:
+    """``handle`` must be a tuple (or list) of ``length`` items, as ``source`` returned it;
+    the error shows ``expected``, the tuple's fields."""
+    if not isinstance(handle, (tuple, list)) or len(handle) != length:
+        raise ValueError(
+            f"{method}: handle must be the tuple {expected} returned by {source}, got {type(handle).__name__}"
+            + (f" of length {len(handle)}" if isinstance(handle, (tuple, list)) else "")
+        )
+    return tuple(handle)
+
+
 def _no_op() -> None:
     """The hook returned without ``return_recv_hook``: the data has already arrived."""

@@ -22,7 +22,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from ._buffer_args import _check_tensor
+from ._buffer_args import _check_handle_tuple, _check_tensor
 from .buffer_low_latency import LowLatencyMethods
 from .config import Config, check_positive_int
 from .event import EventOverlap
@@ -52,15 +52,10 @@ def _unpack_x(x, method: str):
 
 
 def _unpack_handle(handle, method: str):
-    if not isinstance(handle, (tuple, list)) or len(handle) != 3:
-        raise ValueError(
-            f"{method}: handle must be the tuple {DISPATCH_HANDLE} returned by Buffer.dispatch, "
-            f"got {type(handle).__name__}"
-            + (f" of length {len(handle)}" if isinstance(handle, (tuple, list)) else "")
-        )
+    handle = _check_handle_tuple(handle, 3, DISPATCH_HANDLE, "Buffer.dispatch", method)
     for name, t in zip(DISPATCH_HANDLE_NAMES, handle, strict=True):
         _check_tensor(t, f"handle's {name}", method)
-    return tuple(handle)
+    return handle
 
 
 def _unpack_bias(bias, method: str):

@@ -8,7 +8,7 @@ import torch
 
 from ep_ops.meta.low_latency import dispatch_outputs
 
-from ._buffer_args import _check_tensor, _no_op
+from ._buffer_args import _check_handle_tuple, _check_tensor, _no_op
 from .config import NUM_MAX_TOPK, check_positive_int
 from .nvl import ll_bytes_needed
 
@@ -18,13 +18,7 @@ LOW_LATENCY_HANDLE = (
 
 
 def _unpack_ll_handle(handle, method: str):
-    if not isinstance(handle, (tuple, list)) or len(handle) != 6:
-        raise ValueError(
-            f"{method}: handle must be the tuple {LOW_LATENCY_HANDLE} returned by "
-            f"Buffer.low_latency_dispatch, got {type(handle).__name__}"
-            + (f" of length {len(handle)}" if isinstance(handle, (tuple, list)) else "")
-        )
-    return tuple(handle)
+    return _check_handle_tuple(handle, 6, LOW_LATENCY_HANDLE, "Buffer.low_latency_dispatch", method)
 
 
 class LowLatencyMethods:
