@@ -42,15 +42,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def intra_op_threads(device: str, world_size: int) -> int:
+    """CPU threads each rank's torch ops get: one for CPU ranks (the ranks are the parallelism),
+    an equal share of this process's cores for GPU ranks, whose host work (references, checks)
+    would otherwise run world_size x cores threads: at 8 ranks on 128 cores the GPU suite spent
+    most of its time oversubscribed."""
+    if device != "cuda":
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // world_size)
+
+
 def _run_rank(rank, world_size, port, backend, device, pg_timeout, worker, args, conn):
     """Body of one spawned process: join the group, run the worker, send back the outcome."""
     try:
         options = {}
+        torch.set_num_threads(intra_op_threads(device, world_size))
         if device == "cuda":
             torch.cuda.set_device(rank)
             options["device_id"] = torch.device("cuda", rank)  # binds the NCCL communicator
-        else:
-            torch.set_num_threads(1)
         dist.init_process_group(
             backend,
             init_method=f"tcp://127.0.0.1:{port}",

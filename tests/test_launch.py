@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 
 try:
-    from ep_ops.launch import parallel_launch
+    from ep_ops.launch import intra_op_threads, parallel_launch
 except ImportError:
     # ep_ops/__init__.py loads the compiled extension; the launcher itself needs only torch.
     # Import it as a top-level module instead; spawned ranks inherit sys.path and find it too.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ep_ops"))
-    from launch import parallel_launch
+    from launch import intra_op_threads, parallel_launch
 
 
 def all_reduce_worker(rank, world_size, group_name, scale):
@@ -62,3 +62,12 @@ def test_hanging_worker_times_out():
     with pytest.raises(TimeoutError, match=r"rank\(s\) \[0, 1\] of 2 still running"):
         parallel_launch(2, sleep_forever, timeout=timeout)
     assert time.monotonic() - start < timeout + 15
+
+
+def test_gpu_ranks_share_the_cores_and_cpu_ranks_take_one(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)))
+    assert intra_op_threads("cuda", 8) == 16  # not 128 threads in each of 8 processes
+    assert intra_op_threads("cuda", 1) == 128
+    assert intra_op_threads("cpu", 8) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert intra_op_threads("cuda", 8) == 1
