@@ -202,12 +202,6 @@ Routing routing_of(const at::Tensor& topk_idx, int64_t num_max, int64_t num_expe
                  num_experts / num_ranks};
 }
 
-int num_sms(int device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 }  // namespace
 
 at::Tensor ll_combine_send(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
@@ -250,7 +244,7 @@ at::Tensor ll_combine_send(const LowLatencyBuffer& b, int weights_slab, int part
   p.partials_offset = geometry.offset(kLLPartials, partials_slab);
   p.partial_row = wire::combine_row_bytes(hidden, false);
   p.partials_slab = partials_slab;
-  const int blocks = static_cast<int>(std::min<int64_t>(geometry.rows, 2 * num_sms(x.get_device())));
+  const int blocks = static_cast<int>(std::min<int64_t>(geometry.rows, 2 * ll_num_sms(x.get_device())));
   ll_partials_send_kernel<<<blocks, kLLThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return b.local.narrow(0, p.partials_offset, geometry.rows * p.partial_row)

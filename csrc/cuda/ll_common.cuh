@@ -1,6 +1,7 @@
 // Block-level building blocks of the low-latency kernels: which ranks a token goes to, a
-// token's slot among this rank's tokens for each destination, a block-wide count scan, and the
-// "last block out" ticket that lets one block signal the peers once every block is done.
+// token's slot among this rank's tokens for each destination, a block-wide count scan, the
+// "last block out" ticket that lets one block signal the peers once every block is done (combine),
+// and the per-block start tickets and shares with which no block waits for another (dispatch).
 #pragma once
 
 #include <cstdint>
@@ -101,6 +102,36 @@ __device__ inline bool last_block_done(uint32_t* ticket) {
   return last;
 }
 
+// This block's share of a dispatch counter's unit: 1, and block 0 the rest, so that a launch
+// adds exactly kLLUnit whatever its grid (up to kLLUnit blocks).
+__device__ __forceinline__ uint64_t block_share() {
+  return blockIdx.x == 0 ? kLLUnit - (gridDim.x - 1) : 1;
+}
+
+// A launch's epoch without a grid-wide barrier: one thread of every block adds the block's share
+// to the local counter as the block starts and gets the value before. Launches on a stream do not
+// overlap, so every block of the n-th launch sees a value in [n * kLLUnit, (n + 1) * kLLUnit):
+// value / kLLUnit = n. The block whose add completes the unit is the last to start; acq_rel
+// orders each block's earlier reads (the layout key) before its add.
+__device__ __forceinline__ uint64_t take_start_ticket(uint64_t* counter) {
+  uint64_t before;
+  asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;"
+               : "=l"(before)
+               : "l"(counter), "l"(block_share())
+               : "memory");
+  return before;
+}
+__device__ __forceinline__ bool completes_unit(uint64_t ticket) {
+  return (ticket + block_share()) % kLLUnit == 0;
+}
+
+// One thread per peer (threadIdx.x < num_ranks), after a block barrier: add the block's share to
+// that peer's counter, ordered after everything the block wrote or read there before.
+__device__ __forceinline__ void add_share_release(uint64_t* counter) {
+  fence_system();
+  add_release(counter, block_share());
+}
+
 // The receiving side: every source's rows for our next read of slab `which` are in. Every
 // thread of the block calls; false: a wait gave up (the watchdog tripped), return at once.
 __device__ inline bool wait_arrivals(const PeerView& v, int phase, int which,
@@ -126,19 +157,26 @@ __device__ inline bool wait_freed(const PeerView& v, int phase, int which, uint6
 
 // The sending side, when this send's slab layout (`key`) differs from the last send's: every
 // receiver has read everything we sent into any slab of any phase, so that none is still reading
-// where the new offsets put rows. Every block calls it at its start; the last block of the send
-// records the key (remember_layout) after all blocks have read the old one.
-__device__ inline bool wait_all_freed_if_moved(const PeerView& v, int64_t key) {
+// where the new offsets put rows. Every block calls it at its start; the key is recorded after
+// all blocks have read the old one: by the last block of a combine send (remember_layout), by the
+// last block to take its start ticket in a dispatch (ll_dispatch.cu).
+__device__ inline bool wait_all_freed(const PeerView& v) {
   const int me = v.rank, R = v.num_ranks;
   const LowLatencyControl* mine = ll_control(v.base[me]);
-  if (mine->layout_key == key) return true;
   bool ok = true;
   for (int i = threadIdx.x; i < kLLPhases * 2 * R; i += blockDim.x) {
     const int phase = i / (2 * R), which = (i / R) % 2, peer = i % R;
-    ok = ok && wait_at_least(v.watchdog, &mine->freed[phase][which][peer],
-                             mine->sends[phase][which], me, peer, kWaitLowLatencyAllFreed);
+    // Whole sends only: a dispatch launch in flight has added part of its unit (start tickets).
+    const uint64_t sent = mine->sends[phase][which] / ll_unit(phase) * ll_unit(phase);
+    ok = ok && wait_at_least(v.watchdog, &mine->freed[phase][which][peer], sent, me, peer,
+                             kWaitLowLatencyAllFreed);
   }
   return block_waits_ok(ok);
+}
+
+__device__ inline bool wait_all_freed_if_moved(const PeerView& v, int64_t key) {
+  if (ll_control(v.base[v.rank])->layout_key == key) return true;
+  return wait_all_freed(v);
 }
 
 __device__ inline void remember_layout(LowLatencyControl* mine, int64_t key) {

@@ -1,19 +1,57 @@
-// Low-latency dispatch over NVLink, as two kernels (the op's send and recv halves):
+// Low-latency dispatch over NVLink: one kernel body with two phases. The op runs both in one
+// launch (ll_dispatch_kernel); its send and recv halves (the hook ops) launch one phase each
+// (ll_dispatch_half_kernel).
 //
-//   send: one block per token writes the token's wire row (cast to FP8 on the fly if asked)
-//         once into every destination *rank*'s dispatch slab, at (our rank, the token's index
-//         among our tokens for that rank); the last block marks the unused slots and raises our
-//         arrival flag at every peer. It never waits for data, only (rarely) for a receiver to
-//         have read the slab's previous contents.
-//   recv: one block per local expert waits for every source's flag, finds the slab rows that
-//         name its expert (in slab order: source rank, then token, so the layout is fixed by the
-//         data, not by atomics), and copies them into the static [E_local, R*M, H] output.
+//   send: each block takes tokens (t = block, block + grid, ...) and writes each token's wire row
+//         (cast to FP8 on the fly if asked) once into every destination *rank*'s dispatch slab, at
+//         (our rank, the token's index among our tokens for that rank). Then the block alone adds
+//         its share to our arrival counter at every destination (fence + red.release.sys); the
+//         block that sent our last token also posts, before its add, how many rows each
+//         destination got from us (dispatch_rows). It never waits for data, only (rarely) for a
+//         receiver to have read the slab's previous contents.
+//   recv: each block waits until every source's arrivals reach a whole unit (all its send blocks
+//         are in, whatever their number), reads the per-source row counts, and for each of its
+//         local experts (e = block, block + grid, ...) finds the valid slab rows that name the
+//         expert (in slab order: source rank, then token, so the layout is fixed by the data, not
+//         by atomics) and copies them into the static [E_local, R*M, H] output. Then it adds its
+//         share to every source's freed counter.
+//
+// Why this costs less than the two kernels it replaces (send + recv, ~27 us FP8 under CUDA
+// graphs, of which ~20 us did not depend on the data):
+//   - No grid-wide "last block" ticket on either side. Each one cost a system fence per block
+//     (which waits for the block's NVLink writes to be acknowledged), an atomic, then the last
+//     block's own work: ~2-4 us each, serialized behind the slowest block. Now every block posts
+//     its own share (the normal-mode dispatch's per-block arrivals, with a unit that makes the
+//     grid size free), so the flags rise as soon as the last block's rows are out.
+//   - No "-1" marking: the last send block used to re-scan every token's ids and write a -1
+//     source into every unused slab slot (remote stores, then a second system fence: one more
+//     NVLink round trip, ~1-2 us). The posted per-source count replaces it, and the receiver
+//     reads the ids of valid rows only.
+//   - One launch instead of two for the op (~1-3 us of launch and drain under graphs), and each
+//     block's receive wait starts while the flags are in flight instead of after a kernel
+//     boundary.
+//   - The epochs come from per-block start tickets (take_start_ticket: one atomic per block, in
+//     place of the plain load of the counter it replaces), so no block ever waits for another
+//     one of its own launch except through the peers' counters.
+// What it costs: the op's grid must be co-resident (its receive blocks wait for the send blocks of
+// the same launch on this rank), so the op launches at most one block per SM (every GPU fits one
+// 512-thread block per SM); the halves have no such limit. Each receive block posts its own freed
+// share (R reds per block instead of R per call), and the control area holds the row counts.
+// EP_OPS_LL_DISPATCH_SPLIT=1 runs the op as its two halves (two launches of the same kernel), for
+// A/B timings of the fusion alone.
+//
+// Not done (ideas measured against nothing yet): receive blocks that start on a source as soon as
+// its arrivals are complete (with 2 ranks the two sources arrive together), and a compact
+// per-source routing area instead of reading ids out of the wide rows.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdlib>
 
 #include "ll_common.cuh"
 #include "ll_ops.h"
@@ -22,18 +60,32 @@
 namespace ep_ops::cuda {
 namespace {
 
-struct SendArgs {
+struct DispatchArgs {
   PeerView v;
-  const __nv_bfloat16* x;  // [T, H]
-  const int64_t* topk_idx;  // [T, K]
-  int num_tokens, num_topk, hidden, num_max, slab;
-  int64_t num_experts, per_rank, slab_offset;
-  bool use_fp8, round_scale;
-  int64_t layout_key;
+  int slab, num_max, num_topk, hidden;
+  bool use_fp8;
   wire::DispatchRow row;
+  int64_t slab_offset;  // of the slab in every rank's buffer (send)
+  uint8_t* rows;        // our slab, which the peers write into (receive)
+  // send phase
+  const __nv_bfloat16* x;   // [T, H]
+  const int64_t* topk_idx;  // [T, K]
+  int num_tokens;
+  int64_t num_experts, per_rank, layout_key;
+  bool round_scale;
+  // receive phase
+  int cols;  // scale columns of the output
+  int64_t first_expert, num_local;
+  bool use_ue8m0;
+  uint8_t* recv_x;
+  void* scales;  // float [E, cols, R*M] (column-major) or packed UE8M0 int32
+  int32_t* recv_count;
+  int32_t* src_info;
+  int64_t* layout_range;
+  int32_t* token_slots;
 };
 
-__device__ __forceinline__ uint8_t* slab_row(const SendArgs& a, int dest, int64_t slot) {
+__device__ __forceinline__ uint8_t* slab_row(const DispatchArgs& a, int dest, int64_t slot) {
   return a.v.base[dest] + a.slab_offset + (a.v.rank * static_cast<int64_t>(a.num_max) + slot) *
                                               a.row.bytes();
 }
@@ -49,7 +101,7 @@ __device__ __forceinline__ float fp8_scale_inv(float amax, bool round_scale) {
   return scale_inv;
 }
 
-__device__ void send_fp8_row(const SendArgs& a, int64_t t, const int* slots, uint32_t mask) {
+__device__ __forceinline__ void send_fp8_row(const DispatchArgs& a, int64_t t, const int* slots, uint32_t mask) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int groups = a.hidden / static_cast<int>(wire::kFp8Block);
   for (int g = warp; g < groups; g += kLLWarps) {
@@ -79,7 +131,7 @@ __device__ void send_fp8_row(const SendArgs& a, int64_t t, const int* slots, uin
   }
 }
 
-__device__ void send_bf16_row(const SendArgs& a, int64_t t, const int* slots, uint32_t mask) {
+__device__ __forceinline__ void send_bf16_row(const DispatchArgs& a, int64_t t, const int* slots, uint32_t mask) {
   constexpr int kUnroll = 2;
   const auto* src = reinterpret_cast<const int4*>(a.x + t * a.hidden);
   const int vectors = a.hidden / 8, stride = blockDim.x;
@@ -100,13 +152,21 @@ __device__ void send_bf16_row(const SendArgs& a, int64_t t, const int* slots, ui
   }
 }
 
-__global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(SendArgs a) {
+// The send phase. false: a wait gave up (the watchdog tripped): stop without touching data.
+// `ticket`: this block's start ticket on our send counter of the slab; `moved`: the slab layout
+// differs from the last send's (read before the ticket, so alike in every block).
+__device__ __forceinline__ bool send_rows(const DispatchArgs& a, uint64_t ticket, bool moved) {
   __shared__ int slots[kMaxNvlRanks];
+  __shared__ int sent_rows[kMaxNvlRanks];  // rows per destination, in the block with our last token
   const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
   LowLatencyControl* mine = ll_control(a.v.base[me]);
-  const uint64_t sends_before = mine->sends[kLLDispatch][a.slab];
-  if (!wait_all_freed_if_moved(a.v, a.layout_key)) return;
-  if (!wait_freed(a.v, kLLDispatch, a.slab, sends_before, kWaitLowLatencyDispatchFreed)) return;
+  if (moved && !wait_all_freed(a.v)) return false;
+  if (!wait_freed(a.v, kLLDispatch, a.slab, ticket / kLLUnit * kLLUnit,
+                  kWaitLowLatencyDispatchFreed)) {
+    return false;
+  }
+  // The last block to start records the key: every block has read the old one before its ticket.
+  if (threadIdx.x == 0 && completes_unit(ticket)) mine->layout_key = a.layout_key;
 
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
     slots_before(a.topk_idx, t, K, a.num_experts, a.per_rank, R, slots);
@@ -125,48 +185,39 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(SendArgs a
             static_cast<int32_t>(a.topk_idx[static_cast<int64_t>(t) * K + threadIdx.x]);
       }
     }
+    if (t == a.num_tokens - 1 && threadIdx.x < R) {
+      sent_rows[threadIdx.x] = slots[threadIdx.x] + static_cast<int>((mask >> threadIdx.x) & 1u);
+    }
     __syncthreads();  // `slots` is rewritten for the next token
   }
 
-  if (!last_block_done(&mine->send_tickets[kLLDispatch])) return;
-  // Slots past each destination's token count carry source index -1: "empty".
-  slots_before(a.topk_idx, a.num_tokens, K, a.num_experts, a.per_rank, R, slots);
-  for (int i = threadIdx.x; i < R * a.num_max; i += blockDim.x) {
-    const int d = i / a.num_max, m = i % a.num_max;
-    if (m >= slots[d]) *reinterpret_cast<int32_t*>(slab_row(a, d, m) + a.row.src_offset()) = -1;
+  // Our rows are out: this block's share of the arrivals at every destination, after the row
+  // count from the block that sent our last token (block 0 posts 0 when we have no tokens).
+  const bool posts_rows = a.num_tokens == 0 ? blockIdx.x == 0
+                                            : (a.num_tokens - 1) % gridDim.x == blockIdx.x;
+  __syncthreads();
+  if (threadIdx.x < R) {
+    LowLatencyControl* peer = ll_control(a.v.base[threadIdx.x]);
+    if (posts_rows) peer->dispatch_rows[a.slab][me] = a.num_tokens == 0 ? 0 : sent_rows[threadIdx.x];
+    add_share_release(&peer->arrivals[kLLDispatch][a.slab][me]);
   }
-  remember_layout(mine, a.layout_key);
-  post_arrivals(a.v, kLLDispatch, a.slab);
+  return true;
 }
 
-struct RecvArgs {
-  PeerView v;
-  const uint8_t* slab;  // our dispatch slab
-  int slab_index, num_max, num_topk, hidden, cols;  // cols: scale columns of the output
-  int64_t first_expert, num_local;
-  bool use_fp8, use_ue8m0;
-  wire::DispatchRow row;
-  uint8_t* recv_x;
-  void* scales;  // float [E, cols, R*M] (column-major) or packed UE8M0 int32
-  int32_t* recv_count;
-  int32_t* src_info;
-  int64_t* layout_range;
-  int32_t* token_slots;
-};
-
-__device__ __forceinline__ int32_t row_src(const RecvArgs& a, int64_t j) {
-  return *reinterpret_cast<const int32_t*>(a.slab + j * a.row.bytes() + a.row.src_offset());
+__device__ __forceinline__ int32_t row_src(const DispatchArgs& a, int64_t j) {
+  return *reinterpret_cast<const int32_t*>(a.rows + j * a.row.bytes() + a.row.src_offset());
 }
-__device__ __forceinline__ int32_t row_expert(const RecvArgs& a, int64_t j, int k) {
-  return reinterpret_cast<const int32_t*>(a.slab + j * a.row.bytes() + a.row.topk_offset())[k];
+__device__ __forceinline__ int32_t row_expert(const DispatchArgs& a, int64_t j, int k) {
+  return reinterpret_cast<const int32_t*>(a.rows + j * a.row.bytes() + a.row.topk_offset())[k];
 }
 
-__device__ void copy_scales(const RecvArgs& a, int e, const int* row_of, int total) {
+__device__ __forceinline__ void copy_scales(const DispatchArgs& a, int e, const int* row_of,
+                                            int total) {
   const int64_t RM = static_cast<int64_t>(a.v.num_ranks) * a.num_max;
   const int64_t n = static_cast<int64_t>(total) * a.cols;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const int c = static_cast<int>(i / total), pos = static_cast<int>(i % total);
-    const auto* src = reinterpret_cast<const float*>(a.slab + row_of[pos] * a.row.bytes() +
+    const auto* src = reinterpret_cast<const float*>(a.rows + row_of[pos] * a.row.bytes() +
                                                      a.row.scale_offset());
     const int64_t at = (e * static_cast<int64_t>(a.cols) + c) * RM + pos;  // column-major
     if (a.use_ue8m0) {
@@ -181,31 +232,23 @@ __device__ void copy_scales(const RecvArgs& a, int e, const int* row_of, int tot
   }
 }
 
-__global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(RecvArgs a) {
-  extern __shared__ int row_of[];  // [R*M]: the slab row of each position in the expert's block
-  __shared__ int warp_sums[kLLWarps];
-  __shared__ int begins[kMaxNvlRanks + 1];
-  const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk, e = blockIdx.x;
-  const int RM = R * a.num_max;
+// Local expert e's block of the outputs, from the valid rows (`valid[s]`: rows source s sent).
+// Shared scratch: row_of [R*M], warp_sums [kLLWarps], begins [kMaxNvlRanks + 1].
+__device__ __forceinline__ void expand_expert(const DispatchArgs& a, int e, const int* valid,
+                                              int* row_of, int* warp_sums, int* begins) {
+  const int R = a.v.num_ranks, K = a.num_topk, M = a.num_max, RM = R * M;
   const int64_t expert = a.first_expert + e;
-  LowLatencyControl* mine = ll_control(a.v.base[me]);
-  const uint64_t reads_before = mine->recvs[kLLDispatch][a.slab_index];
-  if (!wait_arrivals(a.v, kLLDispatch, a.slab_index, reads_before, kWaitLowLatencyDispatchRows)) {
-    return;
-  }
-
   int total = 0;
   for (int first = 0; first < RM; first += blockDim.x) {
     const int j = first + threadIdx.x;
     bool hit = false;
-    if (j < RM) {  // the ids and the source index loaded together; empty slots have source -1
+    if (j < RM && j % M < valid[j / M]) {
       for (int k = 0; k < K; ++k) hit |= row_expert(a, j, k) == expert;
-      hit &= row_src(a, j) >= 0;
     }
     int chunk = 0;
     const int pos = total + block_exclusive_count(hit, warp_sums, &chunk);
     if (hit) row_of[pos] = j;
-    if (j < RM && j % a.num_max == 0) begins[j / a.num_max] = pos;
+    if (j < RM && j % M == 0) begins[j / M] = pos;
     total += chunk;
   }
   if (threadIdx.x == 0) {
@@ -226,69 +269,122 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(RecvArgs a
     const int pos = i / K, k = i % K, j = row_of[pos];
     if (row_expert(a, j, k) == expert) a.token_slots[j * K + k] = static_cast<int32_t>(block + pos);
   }
-  if (e == 0) {  // entries no local expert claims
+  if (e == 0) {  // entries no local expert claims, and every entry of a slot no row came into
     for (int i = threadIdx.x; i < RM * K; i += blockDim.x) {
       const int j = i / K, k = i % K;
-      const int64_t id = row_expert(a, j, k);
-      if (row_src(a, j) < 0 || id < a.first_expert || id >= a.first_expert + a.num_local) {
+      if (j % M >= valid[j / M]) {
         a.token_slots[i] = -1;
+        continue;
       }
+      const int64_t id = row_expert(a, j, k);
+      if (id < a.first_expert || id >= a.first_expert + a.num_local) a.token_slots[i] = -1;
     }
   }
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t payload = a.row.payload_bytes();
   for (int pos = warp; pos < total; pos += kLLWarps) {
-    warp_copy<false>(a.recv_x + (block + pos) * payload, a.slab + row_of[pos] * a.row.bytes(),
+    warp_copy<false>(a.recv_x + (block + pos) * payload, a.rows + row_of[pos] * a.row.bytes(),
                      payload, lane);
   }
   if (a.use_fp8) copy_scales(a, e, row_of, total);
-
-  if (last_block_done(&mine->recv_tickets[kLLDispatch])) post_freed(a.v, kLLDispatch, a.slab_index);
+  __syncthreads();  // row_of and begins are rewritten for the block's next expert
 }
 
-}  // namespace
+// The receive phase. `ticket`: this block's start ticket on our read counter of the slab.
+__device__ __forceinline__ void recv_rows(const DispatchArgs& a, uint64_t ticket, int* row_of) {
+  __shared__ int warp_sums[kLLWarps];
+  __shared__ int begins[kMaxNvlRanks + 1];
+  __shared__ int valid[kMaxNvlRanks];
+  const int me = a.v.rank, R = a.v.num_ranks;
+  const LowLatencyControl* mine = ll_control(a.v.base[me]);
+  // Every send block of every source is in once its arrivals reach the next whole unit.
+  const uint64_t target = (ticket / kLLUnit + 1) * kLLUnit;
+  bool ok = true;
+  if (threadIdx.x < R) {
+    ok = wait_at_least(a.v.watchdog, &mine->arrivals[kLLDispatch][a.slab][threadIdx.x], target, me,
+                       threadIdx.x, kWaitLowLatencyDispatchRows);
+    if (ok) {
+      valid[threadIdx.x] =
+          *reinterpret_cast<const volatile int32_t*>(&mine->dispatch_rows[a.slab][threadIdx.x]);
+    }
+  }
+  if (!block_waits_ok(ok)) return;
 
-at::Tensor ll_dispatch_send(const LowLatencyBuffer& b, int slab, const at::Tensor& x,
-                            const at::Tensor& topk_idx, int64_t num_max, int64_t num_experts,
-                            bool use_fp8, bool round_scale) {
-  const int64_t R = b.view.num_ranks, K = topk_idx.size(1), hidden = x.size(1);
-  const LowLatencyGeometry geometry(R, num_max, hidden, K);
-  const wire::DispatchRow row{hidden, K, use_fp8};
-  c10::cuda::CUDAGuard guard(x.device());
-  auto x_c = aligned16(x);
-  auto topk_c = topk_idx.contiguous();
-  SendArgs a{};
+  for (int e = blockIdx.x; e < a.num_local; e += gridDim.x) {
+    expand_expert(a, e, valid, row_of, warp_sums, begins);
+  }
+  // Done reading the slab (the barrier ends expand_expert): this block's share of the freed
+  // counter at every source.
+  __syncthreads();
+  if (threadIdx.x < R) add_share_release(&ll_control(a.v.base[threadIdx.x])->freed[kLLDispatch][a.slab][me]);
+}
+
+// Both phases (the op), or one (its halves). In the op, a block's receive waits for the send
+// phase of every block of the launch on this rank: the grid must be co-resident (host side).
+template <bool kSend, bool kRecv>
+__device__ __forceinline__ void dispatch(const DispatchArgs& a) {
+  extern __shared__ int row_of[];  // [R*M]: the slab row of each position in an expert's block
+  __shared__ uint64_t tickets[2];
+  __shared__ bool moved;
+  LowLatencyControl* mine = ll_control(a.v.base[a.v.rank]);
+  if (kSend && threadIdx.x == 0) {
+    moved = mine->layout_key != a.layout_key;  // before the ticket (take_start_ticket)
+    tickets[0] = take_start_ticket(&mine->sends[kLLDispatch][a.slab]);
+  }
+  if (kRecv && threadIdx.x == 32) tickets[1] = take_start_ticket(&mine->recvs[kLLDispatch][a.slab]);
+  __syncthreads();
+  if (kSend && !send_rows(a, tickets[0], moved)) return;
+  if (kRecv) recv_rows(a, tickets[1], row_of);
+}
+
+// The op: one block per SM at most, so ptxas may use up to 128 registers (with the default
+// bound it keeps 64 and spills in the send phase).
+__global__ void __launch_bounds__(kLLThreads, 1) ll_dispatch_kernel(DispatchArgs a) {
+  dispatch<true, true>(a);
+}
+
+// A half: a block per token (send) or per local expert (receive), two per SM where they fit.
+template <bool kSend>
+__global__ void __launch_bounds__(kLLThreads) ll_dispatch_half_kernel(DispatchArgs a) {
+  dispatch<kSend, !kSend>(a);
+}
+
+// What both phases need; the per-phase parts are filled by with_send / with_recv.
+DispatchArgs common_args(const LowLatencyBuffer& b, int slab, int64_t num_max, int64_t hidden,
+                         int64_t num_topk, int64_t num_experts, bool use_fp8) {
+  const int64_t R = b.view.num_ranks;
+  const LowLatencyGeometry geometry(R, num_max, hidden, num_topk);
+  DispatchArgs a{};
   a.v = b.view;
-  a.x = reinterpret_cast<const __nv_bfloat16*>(x_c.data_ptr());
-  a.topk_idx = topk_c.data_ptr<int64_t>();
-  a.num_tokens = static_cast<int>(x.size(0));
-  a.num_topk = static_cast<int>(K);
-  a.hidden = static_cast<int>(hidden);
-  a.num_max = static_cast<int>(num_max);
   a.slab = slab;
-  a.layout_key = geometry.key();
+  a.num_max = static_cast<int>(num_max);
+  a.num_topk = static_cast<int>(num_topk);
+  a.hidden = static_cast<int>(hidden);
+  a.use_fp8 = use_fp8;
+  a.row = wire::DispatchRow{hidden, num_topk, use_fp8};
+  a.slab_offset = geometry.offset(kLLDispatch, slab);
+  a.rows = b.local.data_ptr<uint8_t>() + a.slab_offset;
   a.num_experts = num_experts;
   a.per_rank = num_experts / R;
-  a.slab_offset = geometry.offset(kLLDispatch, slab);
-  a.use_fp8 = use_fp8;
-  a.round_scale = round_scale;
-  a.row = row;
-  const int blocks = std::max(1, a.num_tokens);
-  ll_dispatch_send_kernel<<<blocks, kLLThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // What the peers write into our slab: the recv half reads it once their flags are up.
-  return b.local.narrow(0, a.slab_offset, R * num_max * row.bytes()).view({R, num_max, row.bytes()});
+  a.layout_key = geometry.key();
+  return a;
 }
 
-collective::LowLatencyRecv ll_dispatch_recv(const LowLatencyBuffer& b, int slab,
-                                            const at::Tensor& recv_packed, int64_t num_max,
-                                            int64_t hidden, int64_t num_topk, int64_t num_experts,
-                                            bool use_fp8, bool use_ue8m0) {
-  const int64_t R = b.view.num_ranks, per_rank = num_experts / R, RM = R * num_max;
-  const wire::DispatchRow row{hidden, num_topk, use_fp8};
-  c10::cuda::CUDAGuard guard(recv_packed.device());
-  auto options = recv_packed.options();
+// x_c and topk_c must outlive the launch (they do: the caller holds them until it returns).
+void with_send(DispatchArgs& a, const at::Tensor& x_c, const at::Tensor& topk_c, bool round_scale) {
+  a.x = reinterpret_cast<const __nv_bfloat16*>(x_c.data_ptr());
+  a.topk_idx = topk_c.data_ptr<int64_t>();
+  a.num_tokens = static_cast<int>(x_c.size(0));
+  a.round_scale = round_scale;
+}
+
+// Allocates the outputs of the receive phase on `like`'s device and points `a` at them.
+collective::LowLatencyRecv with_recv(DispatchArgs& a, const at::Tensor& like, bool use_ue8m0) {
+  const int64_t R = a.v.num_ranks, per_rank = a.per_rank, RM = R * a.num_max;
+  const int64_t hidden = a.hidden, num_topk = a.num_topk;
+  const bool use_fp8 = a.use_fp8;
+  auto options = like.options();
   auto recv_x = at::empty({per_rank, RM, hidden},
                           options.dtype(use_fp8 ? at::kFloat8_e4m3fn : at::kBFloat16));
   const int64_t cols = use_fp8 ? hidden / (use_ue8m0 ? wire::kFp8Block * wire::kUe8m0Pack
@@ -300,31 +396,92 @@ collective::LowLatencyRecv ll_dispatch_recv(const LowLatencyBuffer& b, int slab,
   auto recv_count = at::empty({per_rank}, options.dtype(at::kInt));
   auto src_info = at::empty({per_rank, RM}, options.dtype(at::kInt));
   auto layout_range = at::empty({per_rank, R}, options.dtype(at::kLong));
-  auto token_slots = at::empty({R, num_max, num_topk}, options.dtype(at::kInt));
-
-  RecvArgs a{};
-  a.v = b.view;
-  a.slab = recv_packed.data_ptr<uint8_t>();
-  a.slab_index = slab;
-  a.num_max = static_cast<int>(num_max);
-  a.num_topk = static_cast<int>(num_topk);
-  a.hidden = static_cast<int>(hidden);
+  auto token_slots = at::empty({R, a.num_max, num_topk}, options.dtype(at::kInt));
   a.cols = static_cast<int>(cols);
-  a.first_expert = b.view.rank * per_rank;
+  a.first_expert = a.v.rank * per_rank;
   a.num_local = per_rank;
-  a.use_fp8 = use_fp8;
   a.use_ue8m0 = use_ue8m0;
-  a.row = row;
   a.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
   a.scales = use_fp8 ? scales.data_ptr() : nullptr;
   a.recv_count = recv_count.data_ptr<int32_t>();
   a.src_info = src_info.data_ptr<int32_t>();
   a.layout_range = layout_range.data_ptr<int64_t>();
   a.token_slots = token_slots.data_ptr<int32_t>();
-  const size_t shared = RM * sizeof(int);
-  ll_dispatch_recv_kernel<<<per_rank, kLLThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {recv_x, scales, recv_count, src_info, layout_range, token_slots};
+}
+
+// kSend, kRecv: which phases; both: the op, which must stay within one block per SM.
+template <bool kSend, bool kRecv>
+void launch(const DispatchArgs& a, int64_t blocks) {
+  const size_t shared = kRecv ? static_cast<size_t>(a.v.num_ranks) * a.num_max * sizeof(int) : 0;
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, blocks)));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if constexpr (kSend && kRecv) {
+    ll_dispatch_kernel<<<grid, kLLThreads, shared, stream>>>(a);
+  } else {
+    ll_dispatch_half_kernel<kSend><<<grid, kLLThreads, shared, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// EP_OPS_LL_DISPATCH_SPLIT=1: the op as its two halves, for A/B timings of the fusion.
+bool split_dispatch() {
+  static const bool split = [] {
+    const char* value = std::getenv("EP_OPS_LL_DISPATCH_SPLIT");
+    return value != nullptr && value[0] != '\0' && value[0] != '0';
+  }();
+  return split;
+}
+
+}  // namespace
+
+at::Tensor ll_dispatch_send(const LowLatencyBuffer& b, int slab, const at::Tensor& x,
+                            const at::Tensor& topk_idx, int64_t num_max, int64_t num_experts,
+                            bool use_fp8, bool round_scale) {
+  const int64_t K = topk_idx.size(1), hidden = x.size(1);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto x_c = aligned16(x);
+  auto topk_c = topk_idx.contiguous();
+  DispatchArgs a = common_args(b, slab, num_max, hidden, K, num_experts, use_fp8);
+  with_send(a, x_c, topk_c, round_scale);
+  launch<true, false>(a, a.num_tokens);  // a block per token
+  // What the peers write into our slab: the recv half reads it once their flags are up.
+  return b.local.narrow(0, a.slab_offset, b.view.num_ranks * num_max * a.row.bytes())
+      .view({b.view.num_ranks, num_max, a.row.bytes()});
+}
+
+collective::LowLatencyRecv ll_dispatch_recv(const LowLatencyBuffer& b, int slab,
+                                            const at::Tensor& recv_packed, int64_t num_max,
+                                            int64_t hidden, int64_t num_topk, int64_t num_experts,
+                                            bool use_fp8, bool use_ue8m0) {
+  c10::cuda::CUDAGuard guard(recv_packed.device());
+  DispatchArgs a = common_args(b, slab, num_max, hidden, num_topk, num_experts, use_fp8);
+  auto out = with_recv(a, recv_packed, use_ue8m0);
+  launch<false, true>(a, a.num_local);  // a block per local expert
+  return out;
+}
+
+collective::LowLatencyRecv ll_dispatch(const LowLatencyBuffer& b, int slab, const at::Tensor& x,
+                                       const at::Tensor& topk_idx, int64_t num_max,
+                                       int64_t num_experts, bool use_fp8, bool round_scale,
+                                       bool use_ue8m0) {
+  const int64_t K = topk_idx.size(1), hidden = x.size(1);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto x_c = aligned16(x);
+  auto topk_c = topk_idx.contiguous();
+  DispatchArgs a = common_args(b, slab, num_max, hidden, K, num_experts, use_fp8);
+  with_send(a, x_c, topk_c, round_scale);
+  auto out = with_recv(a, x, use_ue8m0);
+  if (split_dispatch()) {
+    launch<true, false>(a, a.num_tokens);
+    launch<false, true>(a, a.num_local);
+  } else {
+    // One block per token or local expert, but never more than one per SM: every block must be
+    // resident at once (receive blocks wait for this launch's send blocks).
+    const int64_t blocks = std::max<int64_t>(a.num_tokens, a.num_local);
+    launch<true, true>(a, std::min<int64_t>(blocks, ll_num_sms(x.get_device())));
+  }
+  return out;
 }
 
 }  // namespace ep_ops::cuda

@@ -6,6 +6,9 @@
 //     weights    row (source rank, slot): the token's top-k weights, for the expert side
 //     partials   row (expert rank, slot): that rank's weighted sum over its experts, BF16
 //
+// A dispatch slab's rows from source s are valid up to dispatch_rows[slab][s], which s posts
+// with its arrivals; rows past it hold stale bytes.
+//
 // Slab sizes are those of the largest format (BF16), so the offsets depend only on (R, M,
 // hidden, top-k), which every rank passes alike. Which slab a call uses is chosen on the host
 // (take_ll_slab) and baked into a captured graph; counters per (phase, slab) on the device keep
@@ -24,14 +27,22 @@ namespace ep_ops::cuda {
 
 enum LowLatencyPhase : int { kLLDispatch = 0, kLLWeights = 1, kLLPartials = 2, kLLPhases = 3 };
 
+// Counters of the dispatch phase grow by kLLUnit per send (or read) of a slab: every block of
+// the launch adds its share (block_share in ll_common.cuh: 1, and block 0 the rest), so no block
+// waits for the others and the grid size is free. Those of the combine phases grow by 1, added by
+// the last block of the kernel (last_block_done).
+constexpr uint64_t kLLUnit = uint64_t{1} << 20;  // more than any grid
+__host__ __device__ constexpr uint64_t ll_unit(int phase) { return phase == kLLDispatch ? kLLUnit : 1; }
+
 struct LowLatencyControl {
-  uint64_t sends[kLLPhases][2];                  // local: our sends into slab p so far
-  uint64_t recvs[kLLPhases][2];                  // local: our reads of slab p finished so far
+  uint64_t sends[kLLPhases][2];                  // local: our sends into slab p so far (× ll_unit)
+  uint64_t recvs[kLLPhases][2];                  // local: our reads of slab p so far (× ll_unit)
   uint32_t send_tickets[kLLPhases];              // local: blocks of the running send kernel done
-  uint32_t recv_tickets[kLLPhases];              // local: same for the receiving kernel
+  uint32_t recv_tickets[kLLPhases];              // local: same for the receiving kernel (combine)
   uint64_t arrivals[kLLPhases][2][kMaxNvlRanks];  // by source s: its sends into our slab p
   uint64_t freed[kLLPhases][2][kMaxNvlRanks];     // by receiver d: its reads of our rows in slab p
   int64_t layout_key;                            // local: LowLatencyGeometry::key() of the last send
+  int32_t dispatch_rows[2][kMaxNvlRanks];        // by source s: rows of its last send into slab p
 };
 static_assert(sizeof(LowLatencyControl) <= kControlBytes - kTrippedOffsetFromControlEnd);
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 
 #include "../collective/ops.h"
 #include "ll_layout.h"
@@ -16,6 +17,13 @@ inline at::Tensor aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
+// Streaming multiprocessors of `device` (a grid that must be co-resident stays within it).
+inline int ll_num_sms(int device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 // Writes this rank's token rows into the peers' dispatch slab `slab`; returns the view of our
 // own slab the peers write into (valid once low_latency_dispatch_recv has waited for them).
 at::Tensor ll_dispatch_send(const LowLatencyBuffer& b, int slab, const at::Tensor& x,
@@ -27,6 +35,13 @@ collective::LowLatencyRecv ll_dispatch_recv(const LowLatencyBuffer& b, int slab,
                                             const at::Tensor& recv_packed, int64_t num_max,
                                             int64_t hidden, int64_t num_topk, int64_t num_experts,
                                             bool use_fp8, bool use_ue8m0);
+
+// The whole dispatch in one launch: ll_dispatch_send then ll_dispatch_recv, without handing the
+// slab back to the caller in between (EP_OPS_LL_DISPATCH_SPLIT=1: as those two launches).
+collective::LowLatencyRecv ll_dispatch(const LowLatencyBuffer& b, int slab, const at::Tensor& x,
+                                       const at::Tensor& topk_idx, int64_t num_max,
+                                       int64_t num_experts, bool use_fp8, bool round_scale,
+                                       bool use_ue8m0);
 
 // Sends our tokens' weights to the expert ranks, then our experts' partial sums back to the
 // tokens' ranks; returns the view of our partials slab the peers write into.

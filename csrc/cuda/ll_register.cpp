@@ -113,10 +113,18 @@ collective::LowLatencyRecv low_latency_dispatch(const Tensor& x, const Tensor& t
                                                 int64_t num_max, int64_t num_experts,
                                                 bool use_fp8, bool round_scale, bool use_ue8m0,
                                                 const std::string& group_name) {
-  auto packed = dispatch_send(x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
-                              group_name, "low_latency_dispatch");
-  return dispatch_recv(packed, num_max, x.size(1), topk_idx.size(1), num_experts, use_fp8,
-                       use_ue8m0, group_name);
+  const char* op = "low_latency_dispatch";
+  const int64_t num_topk = topk_idx.dim() == 2 ? topk_idx.size(1) : 0;
+  const int64_t hidden = x.dim() == 2 ? x.size(1) : 0;
+  auto b = nvl_buffer_for(group_name, num_max, hidden, num_topk, op);
+  if (!b) {
+    return collective::low_latency_dispatch(x, topk_idx, num_max, num_experts, use_fp8,
+                                            round_scale, use_ue8m0, group_name);
+  }
+  check_dispatch_call(x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
+                      b->view.num_ranks, op);
+  const int slab = take_ll_slab(group_name, kLLDispatch);
+  return ll_dispatch(*b, slab, x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0);
 }
 
 Tensor combine_send(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights,
