@@ -1,19 +1,55 @@
 // Low-latency combine over NVLink. Each expert rank sums its own experts' outputs of a token
-// (weighted) and sends that one partial back, instead of one row per (token, expert):
+// (weighted) and sends that one partial back, instead of one row per (token, expert). One kernel
+// body with three phases; the op runs all three in one launch, its send half (the hook op
+// low_latency_combine_send) the first two in one launch, its recv half the third:
 //
-//   weights:  one block per token writes the token's top-k weights into the weights slab of
-//             every rank holding one of its experts (the expert side needs them to reduce).
-//   partials: the expert side waits for the weights, then for each (source rank, slot) sums
-//             w_k * x[slot_k] over its local k in float32, k ascending, rounds to BF16 once, and
-//             writes the row into the source rank's partials slab.
-//   recv:     one block per token waits for every rank's partials, adds them in float32 in
-//             ascending rank order and rounds to BF16: the collective backend's exact order.
-// The first two kernels form the send half; the third is the recv half.
+//   weights:  each block takes tokens (t = block, block + grid, ...) and writes each token's top-k
+//             weights into the weights slab of every rank holding one of its experts, at (our
+//             rank, the token's slot for that rank); then adds its share to our weights arrivals
+//             at every rank.
+//   partials: each block waits until every source's weights arrivals reach a whole unit, then for
+//             each (source rank, slot) row j = block, block + grid, ... sums w_k * x[slot_k] over
+//             its local k in float32, k ascending (__fmul_rn / __fadd_rn, no FMA), rounds to BF16
+//             once and writes the row into the source rank's partials slab. Then it adds its share
+//             to the source's weights-freed counter and to our partials arrivals there (one fence).
+//   recv:     each block takes tokens, waits until every rank's partials arrivals reach a whole
+//             unit, adds the token's partials in float32 in ascending rank order and rounds to
+//             BF16 once (the collective backend's exact order), then adds its share to every
+//             source's partials-freed counter.
+//
+// Why this costs less than the three kernels it replaces (~35 us per call under CUDA graphs at
+// 128 tokens, ~24 us of it fixed: 1 token per rank still cost ~24 us):
+//   - No grid-wide "last block" ticket. There were three, one per kernel, each a system fence per
+//     block (waiting for the block's NVLink writes to be acknowledged), an atomic, then the last
+//     block's own fence and flag store: ~2-4 us each, serialized behind the slowest block. Now
+//     every block posts its own share of a kLLUnit (the dispatch's scheme, ll_common.cuh), so a
+//     flag is complete as soon as the last block's rows are out: estimate -6 to -9 us.
+//   - One launch instead of three for the op (two for the send half): ~1-3 us of launch and drain
+//     per kernel boundary under graphs, and each phase's wait starts while the flags are in flight
+//     instead of after a kernel boundary: estimate -3 to -5 us. The recv phase computes its first
+//     token's slots before it waits, so that work hides behind the wait.
+//   - Epochs come from per-block start tickets (take_start_ticket), so no block waits for another
+//     one of its own launch except through the counters.
+// Estimate (not measured): ~10-12 us of fixed cost left (a launch, three NVLink flag round trips,
+// the per-token slot scans), so ~20 us per call at 128 tokens and ~12 us at 1 token.
+// What it costs: a launch with more than one phase must be co-resident (partials blocks wait for
+// this launch's weights blocks on this rank, recv blocks for its partials blocks), so it runs at
+// most one block per SM (ll_num_sms). The partials phase then has one 512-thread block per SM
+// instead of up to two (fewer loads in flight at large batches). Each block posts its own shares
+// (R reds per block and counter instead of R per kernel), and takes up to four start tickets.
+// EP_OPS_LL_COMBINE_SPLIT=1 runs every phase as its own launch (weights, partials, recv: the op in
+// three launches, the send half in two), with no co-residency needed: the fallback, and the A/B
+// for the fusion. Every counter is per (phase, slab), so a rank may run either way.
+//
+// Not done: the partials phase does not start on a source as soon as that source's weights are
+// in, and it does not load the next row's expert slots before the weights wait.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
+
+#include <algorithm>
 
 #include "ll_common.cuh"
 #include "ll_ops.h"
@@ -24,146 +60,155 @@ namespace {
 constexpr int kMaxLLTopk = 32;
 constexpr int kBatch = 8;  // expert rows loaded together in the partial sums
 
-struct Routing {
-  const int64_t* topk_idx;  // [T, K]
-  int num_tokens, num_topk, num_max;
-  int64_t num_experts, per_rank;
-};
-
-struct WeightsArgs {
+struct CombineArgs {
   PeerView v;
-  Routing r;
-  const float* topk_weights;  // [T, K]
-  int64_t slab_offset, row_bytes;
-  int slab;
-  int64_t layout_key;
+  int num_tokens, num_topk, num_max, hidden;
+  int weights_slab, partials_slab;
+  int64_t num_experts, per_rank, layout_key;
+  int64_t weights_offset, weights_row;   // the weights slab, in every rank's buffer; its row bytes
+  int64_t partials_offset, partial_row;  // the same for the partials slab
+  const uint8_t* weights;   // our weights slab (partials phase)
+  const uint8_t* partials;  // our partials slab (recv phase)
+  const int64_t* topk_idx;     // [T, K] (weights, recv)
+  const float* topk_weights;   // [T, K] (weights)
+  const __nv_bfloat16* x;      // [E_local * R*M, H] expert outputs (partials)
+  const int32_t* token_slots;  // [R, M, K] from the dispatch (partials)
+  __nv_bfloat16* out;          // [T, H] (recv)
 };
 
-__global__ void __launch_bounds__(kLLThreads) ll_weights_send_kernel(WeightsArgs a) {
+// The weights phase. false: a wait gave up (the watchdog tripped): stop without touching data.
+// `ticket`: this block's start ticket on our weights send counter (taken after drain_if_moved).
+__device__ __forceinline__ bool send_weights(const CombineArgs& a, uint64_t ticket) {
   __shared__ int slots[kMaxNvlRanks];
-  const int me = a.v.rank, R = a.v.num_ranks, K = a.r.num_topk;
-  LowLatencyControl* mine = ll_control(a.v.base[me]);
-  const uint64_t sends_before = mine->sends[kLLWeights][a.slab];
-  if (!wait_all_freed_if_moved(a.v, a.layout_key)) return;
-  if (!wait_freed(a.v, kLLWeights, a.slab, sends_before, kWaitLowLatencyWeightsFreed)) return;
-  for (int t = blockIdx.x; t < a.r.num_tokens; t += gridDim.x) {
-    slots_before(a.r.topk_idx, t, K, a.r.num_experts, a.r.per_rank, R, slots);
-    const uint32_t mask = token_rank_mask(a.r.topk_idx, t, K, a.r.num_experts, a.r.per_rank);
+  const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
+  if (!wait_freed(a.v, kLLWeights, a.weights_slab, units_before(ticket),
+                  kWaitLowLatencyWeightsFreed)) {
+    return false;
+  }
+  // The last block to start records the key: every block has read the old one before its ticket.
+  if (threadIdx.x == 0 && completes_unit(ticket)) ll_control(a.v.base[me])->layout_key = a.layout_key;
+  for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+    slots_before(a.topk_idx, t, K, a.num_experts, a.per_rank, R, slots);
+    const uint32_t mask = token_rank_mask(a.topk_idx, t, K, a.num_experts, a.per_rank);
     if (threadIdx.x < K) {
       const float w = a.topk_weights[static_cast<int64_t>(t) * K + threadIdx.x];
       for (int d = 0; d < R; ++d) {
         if (!((mask >> d) & 1u)) continue;
-        uint8_t* row = a.v.base[d] + a.slab_offset +
-                       (me * static_cast<int64_t>(a.r.num_max) + slots[d]) * a.row_bytes;
+        uint8_t* row = a.v.base[d] + a.weights_offset +
+                       (me * static_cast<int64_t>(a.num_max) + slots[d]) * a.weights_row;
         reinterpret_cast<float*>(row)[threadIdx.x] = w;
       }
     }
-    __syncthreads();
+    __syncthreads();  // `slots` is rewritten for the next token
   }
-  if (last_block_done(&mine->send_tickets[kLLWeights])) {
-    remember_layout(mine, a.layout_key);
-    post_arrivals(a.v, kLLWeights, a.slab);
+  __syncthreads();
+  if (threadIdx.x < R) {
+    add_share_release(&ll_control(a.v.base[threadIdx.x])->arrivals[kLLWeights][a.weights_slab][me]);
+  }
+  return true;
+}
+
+// Row j's weighted sum over our experts, into the source rank's partials slab. Shared: the row's
+// expert slots and weights (slot -1: not one of ours).
+__device__ __forceinline__ void partial_row(const CombineArgs& a, int j, const int32_t* slot,
+                                            const float* weight) {
+  const int M = a.num_max, K = a.num_topk, source = j / M, m = j % M;
+  auto* dst = reinterpret_cast<int4*>(a.v.base[source] + a.partials_offset +
+                                      (a.v.rank * static_cast<int64_t>(M) + m) * a.partial_row);
+  const int vectors = a.hidden / 8;
+  for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
+    float acc[8] = {};
+    for (int k0 = 0; k0 < K; k0 += kBatch) {  // kBatch loads in flight, then the sums in k order
+      int4 raw[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int k = k0 + u;
+        if (k < K && slot[k] >= 0) {
+          raw[u] = __ldg(reinterpret_cast<const int4*>(a.x + slot[k] * static_cast<int64_t>(a.hidden)) + i);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int k = k0 + u;
+        if (k >= K || slot[k] < 0) continue;
+        const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          acc[2 * q] = __fadd_rn(acc[2 * q], __fmul_rn(weight[k], __low2float(pairs[q])));
+          acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __fmul_rn(weight[k], __high2float(pairs[q])));
+        }
+      }
+    }
+    int4 out;
+    auto* out_pairs = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) out_pairs[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+    dst[i] = out;
   }
 }
 
-struct PartialsArgs {
-  PeerView v;
-  const __nv_bfloat16* x;     // [E_local * R*M, H] expert outputs
-  const int32_t* token_slots;  // [R, M, K] from the dispatch
-  int num_max, num_topk, hidden;
-  const uint8_t* weights;  // our weights slab
-  int64_t weights_row;
-  int weights_slab;
-  int64_t partials_offset, partial_row;
-  int partials_slab;
-};
-
-__global__ void __launch_bounds__(kLLThreads) ll_partials_send_kernel(PartialsArgs a) {
+// The partials phase. `read_ticket`: this block's start ticket on our weights read counter;
+// `send_ticket`: on our partials send counter. false: a wait gave up.
+__device__ __forceinline__ bool send_partials(const CombineArgs& a, uint64_t read_ticket,
+                                              uint64_t send_ticket) {
   __shared__ int32_t slot[kMaxLLTopk];
   __shared__ float weight[kMaxLLTopk];
   __shared__ int any_local;
-  const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk, M = a.num_max;
-  LowLatencyControl* mine = ll_control(a.v.base[me]);
-  const uint64_t reads_before = mine->recvs[kLLWeights][a.weights_slab];
-  const uint64_t sends_before = mine->sends[kLLPartials][a.partials_slab];
-  if (!wait_arrivals(a.v, kLLWeights, a.weights_slab, reads_before, kWaitLowLatencyWeights) ||
-      !wait_freed(a.v, kLLPartials, a.partials_slab, sends_before, kWaitLowLatencyPartialsFreed)) {
-    return;
+  const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
+  // Every source's weights of this launch are in (warp 0), and every source has read our
+  // previous partials in this slab (warp 1): both waits behind one barrier.
+  bool ok = true;
+  if (threadIdx.x < R) {
+    ok = wait_unit_arrived(a.v, kLLWeights, a.weights_slab, threadIdx.x, read_ticket,
+                           kWaitLowLatencyWeights);
+  } else if (threadIdx.x >= 32 && threadIdx.x < 32 + R) {
+    ok = wait_peer_freed(a.v, kLLPartials, a.partials_slab, threadIdx.x - 32, send_ticket,
+                         kWaitLowLatencyPartialsFreed);
   }
+  if (!block_waits_ok(ok)) return false;
 
-  const int vectors = a.hidden / 8;
-  for (int j = blockIdx.x; j < R * M; j += gridDim.x) {
+  for (int j = blockIdx.x; j < R * a.num_max; j += gridDim.x) {
     if (threadIdx.x == 0) any_local = 0;
     __syncthreads();
     if (threadIdx.x < K) {
       slot[threadIdx.x] = a.token_slots[static_cast<int64_t>(j) * K + threadIdx.x];
-      weight[threadIdx.x] =
-          reinterpret_cast<const float*>(a.weights + j * a.weights_row)[threadIdx.x];
+      weight[threadIdx.x] = reinterpret_cast<const float*>(a.weights + j * a.weights_row)[threadIdx.x];
       if (slot[threadIdx.x] >= 0) any_local = 1;
     }
     __syncthreads();
-    if (any_local) {
-      const int source = j / M, m = j % M;
-      auto* dst = reinterpret_cast<int4*>(a.v.base[source] + a.partials_offset +
-                                          (me * static_cast<int64_t>(M) + m) * a.partial_row);
-      for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
-        float acc[8] = {};
-        for (int k0 = 0; k0 < K; k0 += kBatch) {  // kBatch loads in flight, then the sums in k order
-          int4 raw[kBatch];
-#pragma unroll
-          for (int u = 0; u < kBatch; ++u) {
-            const int k = k0 + u;
-            if (k < K && slot[k] >= 0) {
-              raw[u] = __ldg(reinterpret_cast<const int4*>(a.x + slot[k] * static_cast<int64_t>(a.hidden)) + i);
-            }
-          }
-#pragma unroll
-          for (int u = 0; u < kBatch; ++u) {
-            const int k = k0 + u;
-            if (k >= K || slot[k] < 0) continue;
-            const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              acc[2 * q] = __fadd_rn(acc[2 * q], __fmul_rn(weight[k], __low2float(pairs[q])));
-              acc[2 * q + 1] =
-                  __fadd_rn(acc[2 * q + 1], __fmul_rn(weight[k], __high2float(pairs[q])));
-            }
-          }
-        }
-        int4 out;
-        auto* out_pairs = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) out_pairs[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-        dst[i] = out;
-      }
-    }
-    __syncthreads();
+    if (any_local) partial_row(a, j, slot, weight);
+    __syncthreads();  // slot and weight are rewritten for the next row
   }
-  if (last_block_done(&mine->send_tickets[kLLPartials])) {
-    post_freed(a.v, kLLWeights, a.weights_slab);
-    post_arrivals(a.v, kLLPartials, a.partials_slab);
+  // Done reading the weights, our partials are out: both shares at every source, one fence.
+  if (threadIdx.x < R) {
+    LowLatencyControl* peer = ll_control(a.v.base[threadIdx.x]);
+    add_share_release(&peer->freed[kLLWeights][a.weights_slab][me],
+                      &peer->arrivals[kLLPartials][a.partials_slab][me]);
   }
+  return true;
 }
 
-struct RecvArgs {
-  PeerView v;
-  Routing r;
-  const uint8_t* partials;  // our partials slab
-  int hidden, slab;
-  int64_t partial_row;
-  __nv_bfloat16* out;  // [T, H]
-};
-
-__global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(RecvArgs a) {
+// The recv phase. `ticket`: this block's start ticket on our partials read counter.
+__device__ __forceinline__ void recv_sums(const CombineArgs& a, uint64_t ticket) {
   __shared__ int slots[kMaxNvlRanks];
-  const int me = a.v.rank, R = a.v.num_ranks, K = a.r.num_topk;
-  LowLatencyControl* mine = ll_control(a.v.base[me]);
-  const uint64_t reads_before = mine->recvs[kLLPartials][a.slab];
-  if (!wait_arrivals(a.v, kLLPartials, a.slab, reads_before, kWaitLowLatencyPartials)) return;
+  const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
+  // The block's first token's slots before the wait, which they then overlap.
+  uint32_t mask = 0;
+  if (blockIdx.x < a.num_tokens) {
+    slots_before(a.topk_idx, blockIdx.x, K, a.num_experts, a.per_rank, R, slots);
+    mask = token_rank_mask(a.topk_idx, blockIdx.x, K, a.num_experts, a.per_rank);
+  }
+  const bool ok = threadIdx.x >= R ||
+                  wait_unit_arrived(a.v, kLLPartials, a.partials_slab, threadIdx.x, ticket,
+                                    kWaitLowLatencyPartials);
+  if (!block_waits_ok(ok)) return;
+
   const int vectors = a.hidden / 8;
-  for (int t = blockIdx.x; t < a.r.num_tokens; t += gridDim.x) {
-    slots_before(a.r.topk_idx, t, K, a.r.num_experts, a.r.per_rank, R, slots);
-    const uint32_t mask = token_rank_mask(a.r.topk_idx, t, K, a.r.num_experts, a.r.per_rank);
+  for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+    if (t != static_cast<int>(blockIdx.x)) {
+      slots_before(a.topk_idx, t, K, a.num_experts, a.per_rank, R, slots);
+      mask = token_rank_mask(a.topk_idx, t, K, a.num_experts, a.per_rank);
+    }
     for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
       float acc[8] = {};
       int4 raw[kMaxNvlRanks];  // every rank's partial in flight at once, summed in rank order
@@ -171,7 +216,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(RecvArgs a)
       for (int s = 0; s < kMaxNvlRanks; ++s) {
         if (s < R && ((mask >> s) & 1u)) {
           raw[s] = reinterpret_cast<const int4*>(
-              a.partials + (s * static_cast<int64_t>(a.r.num_max) + slots[s]) * a.partial_row)[i];
+              a.partials + (s * static_cast<int64_t>(a.num_max) + slots[s]) * a.partial_row)[i];
         }
       }
 #pragma unroll
@@ -190,16 +235,118 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(RecvArgs a)
       for (int q = 0; q < 4; ++q) out_pairs[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
       reinterpret_cast<int4*>(a.out + static_cast<int64_t>(t) * a.hidden)[i] = out;
     }
-    __syncthreads();
+    __syncthreads();  // `slots` is rewritten for the next token; the reads are done at the end
   }
-  if (last_block_done(&mine->recv_tickets[kLLPartials])) post_freed(a.v, kLLPartials, a.slab);
+  // Done reading our partials slab: this block's share of the freed counter at every source.
+  if (threadIdx.x < R) {
+    add_share_release(&ll_control(a.v.base[threadIdx.x])->freed[kLLPartials][a.partials_slab][me]);
+  }
 }
 
-Routing routing_of(const at::Tensor& topk_idx, int64_t num_max, int64_t num_experts,
-                   int64_t num_ranks) {
-  return Routing{topk_idx.data_ptr<int64_t>(), static_cast<int>(topk_idx.size(0)),
-                 static_cast<int>(topk_idx.size(1)), static_cast<int>(num_max), num_experts,
-                 num_experts / num_ranks};
+// The phases the launch runs, in order. In a launch of more than one, a block's later phase waits
+// for the earlier phase of every block of the launch on this rank: the grid must be co-resident.
+template <bool kWeights, bool kPartials, bool kRecv>
+__device__ __forceinline__ void combine(const CombineArgs& a) {
+  __shared__ uint64_t tickets[4];
+  LowLatencyControl* mine = ll_control(a.v.base[a.v.rank]);
+  // The drain reads our send counters and the layout key before this block's tickets.
+  if (kWeights && !drain_if_moved(a.v, a.layout_key)) return;
+  if (kWeights && threadIdx.x == 0) tickets[0] = take_start_ticket(&mine->sends[kLLWeights][a.weights_slab]);
+  if (kPartials && threadIdx.x == 32) tickets[1] = take_start_ticket(&mine->recvs[kLLWeights][a.weights_slab]);
+  if (kPartials && threadIdx.x == 64) tickets[2] = take_start_ticket(&mine->sends[kLLPartials][a.partials_slab]);
+  if (kRecv && threadIdx.x == 96) tickets[3] = take_start_ticket(&mine->recvs[kLLPartials][a.partials_slab]);
+  __syncthreads();
+  if (kWeights && !send_weights(a, tickets[0])) return;
+  if (kPartials && !send_partials(a, tickets[1], tickets[2])) return;
+  if (kRecv) recv_sums(a, tickets[3]);
+}
+
+// More than one phase: one block per SM at most (co-resident), so ptxas may use up to 128
+// registers.
+template <bool kWeights, bool kPartials, bool kRecv>
+__global__ void __launch_bounds__(kLLThreads, 1) ll_combine_kernel(CombineArgs a) {
+  combine<kWeights, kPartials, kRecv>(a);
+}
+
+// One phase (EP_OPS_LL_COMBINE_SPLIT=1, and the recv half): any grid, two blocks per SM where
+// they fit.
+template <bool kWeights, bool kPartials, bool kRecv>
+__global__ void __launch_bounds__(kLLThreads) ll_combine_phase_kernel(CombineArgs a) {
+  combine<kWeights, kPartials, kRecv>(a);
+}
+
+template <bool kWeights, bool kPartials, bool kRecv>
+void launch(const CombineArgs& a, int64_t blocks) {
+  constexpr bool kFused = int{kWeights} + int{kPartials} + int{kRecv} > 1;
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, blocks)));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if constexpr (kFused) {
+    ll_combine_kernel<kWeights, kPartials, kRecv><<<grid, kLLThreads, 0, stream>>>(a);
+  } else {
+    ll_combine_phase_kernel<kWeights, kPartials, kRecv><<<grid, kLLThreads, 0, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// What every phase needs; the per-phase parts are filled by with_send / with_recv.
+CombineArgs common_args(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
+                        int64_t num_max, int64_t hidden, int64_t num_topk, int64_t num_experts) {
+  const int64_t R = b.view.num_ranks;
+  TORCH_CHECK_VALUE(num_topk <= kMaxLLTopk, "ep_ops.low_latency_combine: the NVLink kernels take up to ",
+                    kMaxLLTopk, " experts per token, got ", num_topk);
+  const LowLatencyGeometry geometry(R, num_max, hidden, num_topk);
+  CombineArgs a{};
+  a.v = b.view;
+  a.num_topk = static_cast<int>(num_topk);
+  a.num_max = static_cast<int>(num_max);
+  a.hidden = static_cast<int>(hidden);
+  a.weights_slab = weights_slab;
+  a.partials_slab = partials_slab;
+  a.num_experts = num_experts;
+  a.per_rank = num_experts / R;
+  a.layout_key = geometry.key();
+  a.weights_offset = geometry.offset(kLLWeights, weights_slab);
+  a.weights_row = geometry.slab[kLLWeights] / geometry.rows;
+  a.partials_offset = geometry.offset(kLLPartials, partials_slab);
+  a.partial_row = wire::combine_row_bytes(hidden, false);
+  a.weights = b.local.data_ptr<uint8_t>() + a.weights_offset;
+  a.partials = b.local.data_ptr<uint8_t>() + a.partials_offset;
+  return a;
+}
+
+// The inputs must outlive the launch (they do: the caller holds them until it returns).
+void with_send(CombineArgs& a, const at::Tensor& x_c, const at::Tensor& topk_c,
+               const at::Tensor& weights_c, const at::Tensor& slots_c) {
+  a.topk_idx = topk_c.data_ptr<int64_t>();
+  a.num_tokens = static_cast<int>(topk_c.size(0));
+  a.topk_weights = weights_c.data_ptr<float>();
+  a.x = reinterpret_cast<const __nv_bfloat16*>(x_c.data_ptr());
+  a.token_slots = slots_c.data_ptr<int32_t>();
+}
+
+at::Tensor with_recv(CombineArgs& a, const at::Tensor& topk_c) {
+  auto out = at::empty({topk_c.size(0), a.hidden}, topk_c.options().dtype(at::kBFloat16));
+  a.topk_idx = topk_c.data_ptr<int64_t>();
+  a.num_tokens = static_cast<int>(topk_c.size(0));
+  a.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
+  return out;
+}
+
+// EP_OPS_LL_COMBINE_SPLIT=1: every phase in a launch of its own (fallback, and A/B of the fusion).
+bool split_combine() {
+  static const bool split = ll_env_flag("EP_OPS_LL_COMBINE_SPLIT");
+  return split;
+}
+
+// The send half: weights then partials, in one co-resident launch or (split) two launches.
+void launch_send(const CombineArgs& a, int device) {
+  const int64_t rows = static_cast<int64_t>(a.v.num_ranks) * a.num_max;
+  if (split_combine()) {
+    launch<true, false, false>(a, a.num_tokens);                         // a block per token
+    launch<false, true, false>(a, std::min<int64_t>(rows, 2 * ll_num_sms(device)));
+  } else {
+    launch<true, true, false>(a, std::min<int64_t>(rows, ll_num_sms(device)));
+  }
 }
 
 }  // namespace
@@ -209,66 +356,53 @@ at::Tensor ll_combine_send(const LowLatencyBuffer& b, int weights_slab, int part
                            const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
                            int64_t num_max) {
   const int64_t R = b.view.num_ranks, K = topk_idx.size(1), hidden = x.size(2);
-  const int64_t num_experts = x.size(0) * R;
-  TORCH_CHECK_VALUE(K <= kMaxLLTopk, "ep_ops.low_latency_combine: the NVLink kernels take up to ",
-                    kMaxLLTopk, " experts per token, got ", K);
-  const LowLatencyGeometry geometry(R, num_max, hidden, K);
   c10::cuda::CUDAGuard guard(x.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
   auto topk_c = topk_idx.contiguous();
   auto weights_c = topk_weights.contiguous();
   auto x_c = aligned16(x);
   auto slots_c = recv_token_slots.contiguous();
-
-  WeightsArgs w{};
-  w.v = b.view;
-  w.r = routing_of(topk_c, num_max, num_experts, R);
-  w.topk_weights = weights_c.data_ptr<float>();
-  w.slab_offset = geometry.offset(kLLWeights, weights_slab);
-  w.row_bytes = geometry.slab[kLLWeights] / geometry.rows;
-  w.slab = weights_slab;
-  w.layout_key = geometry.key();
-  ll_weights_send_kernel<<<std::max(1, w.r.num_tokens), kLLThreads, 0, stream>>>(w);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  PartialsArgs p{};
-  p.v = b.view;
-  p.x = reinterpret_cast<const __nv_bfloat16*>(x_c.data_ptr());
-  p.token_slots = slots_c.data_ptr<int32_t>();
-  p.num_max = static_cast<int>(num_max);
-  p.num_topk = static_cast<int>(K);
-  p.hidden = static_cast<int>(hidden);
-  p.weights = b.local.data_ptr<uint8_t>() + w.slab_offset;
-  p.weights_row = w.row_bytes;
-  p.weights_slab = weights_slab;
-  p.partials_offset = geometry.offset(kLLPartials, partials_slab);
-  p.partial_row = wire::combine_row_bytes(hidden, false);
-  p.partials_slab = partials_slab;
-  const int blocks = static_cast<int>(std::min<int64_t>(geometry.rows, 2 * ll_num_sms(x.get_device())));
-  ll_partials_send_kernel<<<blocks, kLLThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return b.local.narrow(0, p.partials_offset, geometry.rows * p.partial_row)
-      .view({R, num_max, p.partial_row});
+  CombineArgs a = common_args(b, weights_slab, partials_slab, num_max, hidden, K, x.size(0) * R);
+  with_send(a, x_c, topk_c, weights_c, slots_c);
+  launch_send(a, x.get_device());
+  // What the peers write into our slab: the recv half reads it once their flags are up.
+  return b.local.narrow(0, a.partials_offset, R * num_max * a.partial_row)
+      .view({R, num_max, a.partial_row});
 }
 
 at::Tensor ll_combine_recv(const LowLatencyBuffer& b, int slab, const at::Tensor& recv_partials,
                            const at::Tensor& topk_idx, int64_t hidden, int64_t num_experts,
                            int64_t num_max) {
-  const int64_t R = b.view.num_ranks;
   c10::cuda::CUDAGuard guard(recv_partials.device());
   auto topk_c = topk_idx.contiguous();
-  auto out = at::empty({topk_idx.size(0), hidden}, recv_partials.options().dtype(at::kBFloat16));
-  RecvArgs a{};
-  a.v = b.view;
-  a.r = routing_of(topk_c, num_max, num_experts, R);
-  a.partials = recv_partials.data_ptr<uint8_t>();
-  a.hidden = static_cast<int>(hidden);
-  a.slab = slab;
-  a.partial_row = wire::combine_row_bytes(hidden, false);
-  a.out = reinterpret_cast<__nv_bfloat16*>(out.data_ptr());
-  ll_combine_recv_kernel<<<std::max(1, a.r.num_tokens), kLLThreads, 0,
-                           c10::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The weights slab is not used by this phase: any index will do.
+  CombineArgs a = common_args(b, 0, slab, num_max, hidden, topk_idx.size(1), num_experts);
+  auto out = with_recv(a, topk_c);
+  launch<false, false, true>(a, a.num_tokens);  // a block per token
+  return out;
+}
+
+at::Tensor ll_combine(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
+                      const at::Tensor& x, const at::Tensor& topk_idx,
+                      const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
+                      int64_t num_max) {
+  const int64_t R = b.view.num_ranks, K = topk_idx.size(1), hidden = x.size(2);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto topk_c = topk_idx.contiguous();
+  auto weights_c = topk_weights.contiguous();
+  auto x_c = aligned16(x);
+  auto slots_c = recv_token_slots.contiguous();
+  CombineArgs a = common_args(b, weights_slab, partials_slab, num_max, hidden, K, x.size(0) * R);
+  with_send(a, x_c, topk_c, weights_c, slots_c);
+  auto out = with_recv(a, topk_c);
+  if (split_combine()) {
+    launch_send(a, x.get_device());
+    launch<false, false, true>(a, a.num_tokens);
+  } else {
+    // Every phase in one launch: one block per SM at most, all resident at once (a block's
+    // partials wait for this launch's weights, its recv for this launch's partials).
+    const int64_t rows = R * num_max;  // >= the tokens (the checks hold T <= M)
+    launch<true, true, true>(a, std::min<int64_t>(rows, ll_num_sms(x.get_device())));
+  }
   return out;
 }
 

@@ -1,7 +1,8 @@
 // Block-level building blocks of the low-latency kernels: which ranks a token goes to, a
-// token's slot among this rank's tokens for each destination, a block-wide count scan, the
-// "last block out" ticket that lets one block signal the peers once every block is done (combine),
-// and the per-block start tickets and shares with which no block waits for another (dispatch).
+// token's slot among this rank's tokens for each destination, a block-wide count scan, and the
+// per-block start tickets and shares with which no block waits for another: every counter of
+// LowLatencyControl grows by kLLUnit per launch, each block adding its share, and each block
+// learns the launch's epoch from its own start ticket (dispatch and combine alike).
 #pragma once
 
 #include <cstdint>
@@ -83,26 +84,7 @@ __device__ inline int block_exclusive_count(bool flag, int* warp_sums, int* tota
   return before + before_in_warp;
 }
 
-// True in exactly one block: the last to finish, which then sees every block's writes (after the
-// block barrier one thread fences for the whole block, as cooperative groups' grid sync does; a
-// fence per thread costs ~10 us over a grid). The ticket goes back to 0 for the next launch.
-__device__ inline bool last_block_done(uint32_t* ticket) {
-  __shared__ bool last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    fence_system();
-    const uint32_t taken = atomicAdd(ticket, 1u);
-    last = taken == gridDim.x - 1;
-    if (last) {
-      *ticket = 0;
-      fence_system();
-    }
-  }
-  __syncthreads();
-  return last;
-}
-
-// This block's share of a dispatch counter's unit: 1, and block 0 the rest, so that a launch
+// This block's share of a counter's unit: 1, and block 0 the rest, so that a launch
 // adds exactly kLLUnit whatever its grid (up to kLLUnit blocks).
 __device__ __forceinline__ uint64_t block_share() {
   return blockIdx.x == 0 ? kLLUnit - (gridDim.x - 1) : 1;
@@ -112,7 +94,8 @@ __device__ __forceinline__ uint64_t block_share() {
 // to the local counter as the block starts and gets the value before. Launches on a stream do not
 // overlap, so every block of the n-th launch sees a value in [n * kLLUnit, (n + 1) * kLLUnit):
 // value / kLLUnit = n. The block whose add completes the unit is the last to start; acq_rel
-// orders each block's earlier reads (the layout key) before its add.
+// orders each block's earlier reads (the layout key and send counters of drain_if_moved) before
+// its add.
 __device__ __forceinline__ uint64_t take_start_ticket(uint64_t* counter) {
   uint64_t before;
   asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;"
@@ -126,22 +109,36 @@ __device__ __forceinline__ bool completes_unit(uint64_t ticket) {
 }
 
 // One thread per peer (threadIdx.x < num_ranks), after a block barrier: add the block's share to
-// that peer's counter, ordered after everything the block wrote or read there before.
-__device__ __forceinline__ void add_share_release(uint64_t* counter) {
+// that peer's counter (and to `also`, if given: one fence for both), ordered after everything the
+// block wrote or read there before.
+__device__ __forceinline__ void add_share_release(uint64_t* counter, uint64_t* also = nullptr) {
   fence_system();
   add_release(counter, block_share());
+  if (also != nullptr) add_release(also, block_share());
 }
 
-// The receiving side: every source's rows for our next read of slab `which` are in. Every
-// thread of the block calls; false: a wait gave up (the watchdog tripped), return at once.
-__device__ inline bool wait_arrivals(const PeerView& v, int phase, int which,
-                                     uint64_t reads_before, WaitPhase what) {
-  const int me = v.rank;
-  const LowLatencyControl* mine = ll_control(v.base[me]);
-  const bool ok = threadIdx.x >= v.num_ranks ||
-                  wait_at_least(v.watchdog, &mine->arrivals[phase][which][threadIdx.x],
-                                reads_before + 1, me, threadIdx.x, what);
-  return block_waits_ok(ok);
+// What a block with start ticket `ticket` waits for on the peers' counters: everything before its
+// launch (the previous sends' slabs read), or its launch's whole unit (every block of the peer's
+// matching launch has added its share).
+__device__ __forceinline__ uint64_t units_before(uint64_t ticket) { return ticket / kLLUnit * kLLUnit; }
+__device__ __forceinline__ uint64_t unit_done(uint64_t ticket) { return units_before(ticket) + kLLUnit; }
+
+// One thread's wait (no barrier; the caller ends with block_waits_ok): source `source`'s send into
+// our slab `which` of `phase` that our read with start ticket `ticket` is for has fully arrived.
+__device__ __forceinline__ bool wait_unit_arrived(const PeerView& v, int phase, int which,
+                                                  int source, uint64_t ticket, WaitPhase what) {
+  const LowLatencyControl* mine = ll_control(v.base[v.rank]);
+  return wait_at_least(v.watchdog, &mine->arrivals[phase][which][source], unit_done(ticket),
+                       v.rank, source, what);
+}
+
+// One thread's wait (no barrier): receiver `peer` has read every earlier send of ours into slab
+// `which` of `phase` (our send with start ticket `ticket` may overwrite it).
+__device__ __forceinline__ bool wait_peer_freed(const PeerView& v, int phase, int which, int peer,
+                                                uint64_t ticket, WaitPhase what) {
+  const LowLatencyControl* mine = ll_control(v.base[v.rank]);
+  return wait_at_least(v.watchdog, &mine->freed[phase][which][peer], units_before(ticket), v.rank,
+                       peer, what);
 }
 
 // The sending side: every receiver has read what we sent into slab `which` before.
@@ -155,58 +152,36 @@ __device__ inline bool wait_freed(const PeerView& v, int phase, int which, uint6
   return block_waits_ok(ok);
 }
 
-// The sending side, when this send's slab layout (`key`) differs from the last send's: every
-// receiver has read everything we sent into any slab of any phase, so that none is still reading
-// where the new offsets put rows. Every block calls it at its start; the key is recorded after
-// all blocks have read the old one: by the last block of a combine send (remember_layout), by the
-// last block to take its start ticket in a dispatch (ll_dispatch.cu).
-__device__ inline bool wait_all_freed(const PeerView& v) {
-  const int me = v.rank, R = v.num_ranks;
-  const LowLatencyControl* mine = ll_control(v.base[me]);
+// The sending side, when this send's slab layout differs from the last send's: every receiver
+// has read everything we sent into any slab of any phase, so that none is still reading where the
+// new offsets put rows. Every block of a send calls drain_if_moved at its start, *before* taking
+// its start ticket: the send counters it reads then hold only whole units (the running launch's
+// unit is incomplete without this block's share), so it never waits for its own launch's rows.
+// The key is recorded after every block has read the old one, by the block whose start ticket
+// completes the unit (completes_unit).
+// Out of line (the drain is rare: its loop stays out of the hot kernels' code); it takes
+// plain values, not a reference into the kernel's argument struct (see trip_watchdog).
+static __device__ __noinline__ bool wait_all_freed(const LowLatencyControl* mine, uint32_t* tripped,
+                                                   WaitFailure* record, uint64_t timeout_ns,
+                                                   int me, int R) {
+  const Watchdog w{tripped, record, nullptr, timeout_ns};
   bool ok = true;
   for (int i = threadIdx.x; i < kLLPhases * 2 * R; i += blockDim.x) {
     const int phase = i / (2 * R), which = (i / R) % 2, peer = i % R;
-    // Whole sends only: a dispatch launch in flight has added part of its unit (start tickets).
-    const uint64_t sent = mine->sends[phase][which] / ll_unit(phase) * ll_unit(phase);
-    ok = ok && wait_at_least(v.watchdog, &mine->freed[phase][which][peer], sent, me, peer,
+    const uint64_t sent = units_before(mine->sends[phase][which]);
+    ok = ok && wait_at_least(w, &mine->freed[phase][which][peer], sent, me, peer,
                              kWaitLowLatencyAllFreed);
   }
   return block_waits_ok(ok);
 }
 
-__device__ inline bool wait_all_freed_if_moved(const PeerView& v, int64_t key) {
-  if (ll_control(v.base[v.rank])->layout_key == key) return true;
-  return wait_all_freed(v);
-}
-
-__device__ inline void remember_layout(LowLatencyControl* mine, int64_t key) {
-  if (threadIdx.x == 0) mine->layout_key = key;
-}
-
-// Last block of a sender: tell every receiver our rows of this send are in.
-__device__ inline void post_arrivals(const PeerView& v, int phase, int which) {
-  LowLatencyControl* mine = ll_control(v.base[v.rank]);
-  const uint64_t sent = mine->sends[phase][which] + 1;
-  __syncthreads();
-  if (threadIdx.x < v.num_ranks) {
-    fence_system();  // this block's own writes (seen through the barrier), before the flag
-    store_release(&ll_control(v.base[threadIdx.x])->arrivals[phase][which][v.rank], sent);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) mine->sends[phase][which] = sent;
-}
-
-// Last block of a receiver: tell every source we are done reading its rows in this slab.
-__device__ inline void post_freed(const PeerView& v, int phase, int which) {
-  LowLatencyControl* mine = ll_control(v.base[v.rank]);
-  const uint64_t read = mine->recvs[phase][which] + 1;
-  __syncthreads();
-  if (threadIdx.x < v.num_ranks) {
-    fence_system();
-    store_release(&ll_control(v.base[threadIdx.x])->freed[phase][which][v.rank], read);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) mine->recvs[phase][which] = read;
+// Every thread of the block calls, before the block's start ticket on a send counter. false: a
+// wait gave up (the watchdog tripped), return at once.
+__device__ inline bool drain_if_moved(const PeerView& v, int64_t key) {
+  const bool moved =
+      __syncthreads_or(threadIdx.x == 0 && ll_control(v.base[v.rank])->layout_key != key) != 0;
+  return !moved || wait_all_freed(ll_control(v.base[v.rank]), v.watchdog.tripped, v.watchdog.record,
+                                   v.watchdog.timeout_ns, v.rank, v.num_ranks);
 }
 
 }  // namespace ep_ops::cuda

@@ -51,7 +51,6 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "ll_common.cuh"
 #include "ll_ops.h"
@@ -153,16 +152,14 @@ __device__ __forceinline__ void send_bf16_row(const DispatchArgs& a, int64_t t, 
 }
 
 // The send phase. false: a wait gave up (the watchdog tripped): stop without touching data.
-// `ticket`: this block's start ticket on our send counter of the slab; `moved`: the slab layout
-// differs from the last send's (read before the ticket, so alike in every block).
-__device__ __forceinline__ bool send_rows(const DispatchArgs& a, uint64_t ticket, bool moved) {
+// `ticket`: this block's start ticket on our send counter of the slab (taken after
+// drain_if_moved, which every block runs first).
+__device__ __forceinline__ bool send_rows(const DispatchArgs& a, uint64_t ticket) {
   __shared__ int slots[kMaxNvlRanks];
   __shared__ int sent_rows[kMaxNvlRanks];  // rows per destination, in the block with our last token
   const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
   LowLatencyControl* mine = ll_control(a.v.base[me]);
-  if (moved && !wait_all_freed(a.v)) return false;
-  if (!wait_freed(a.v, kLLDispatch, a.slab, ticket / kLLUnit * kLLUnit,
-                  kWaitLowLatencyDispatchFreed)) {
+  if (!wait_freed(a.v, kLLDispatch, a.slab, units_before(ticket), kWaitLowLatencyDispatchFreed)) {
     return false;
   }
   // The last block to start records the key: every block has read the old one before its ticket.
@@ -299,7 +296,7 @@ __device__ __forceinline__ void recv_rows(const DispatchArgs& a, uint64_t ticket
   const int me = a.v.rank, R = a.v.num_ranks;
   const LowLatencyControl* mine = ll_control(a.v.base[me]);
   // Every send block of every source is in once its arrivals reach the next whole unit.
-  const uint64_t target = (ticket / kLLUnit + 1) * kLLUnit;
+  const uint64_t target = unit_done(ticket);
   bool ok = true;
   if (threadIdx.x < R) {
     ok = wait_at_least(a.v.watchdog, &mine->arrivals[kLLDispatch][a.slab][threadIdx.x], target, me,
@@ -326,15 +323,13 @@ template <bool kSend, bool kRecv>
 __device__ __forceinline__ void dispatch(const DispatchArgs& a) {
   extern __shared__ int row_of[];  // [R*M]: the slab row of each position in an expert's block
   __shared__ uint64_t tickets[2];
-  __shared__ bool moved;
   LowLatencyControl* mine = ll_control(a.v.base[a.v.rank]);
-  if (kSend && threadIdx.x == 0) {
-    moved = mine->layout_key != a.layout_key;  // before the ticket (take_start_ticket)
-    tickets[0] = take_start_ticket(&mine->sends[kLLDispatch][a.slab]);
-  }
+  // The drain reads our send counters and the layout key before this block's ticket (ll_common.cuh).
+  if (kSend && !drain_if_moved(a.v, a.layout_key)) return;
+  if (kSend && threadIdx.x == 0) tickets[0] = take_start_ticket(&mine->sends[kLLDispatch][a.slab]);
   if (kRecv && threadIdx.x == 32) tickets[1] = take_start_ticket(&mine->recvs[kLLDispatch][a.slab]);
   __syncthreads();
-  if (kSend && !send_rows(a, tickets[0], moved)) return;
+  if (kSend && !send_rows(a, tickets[0])) return;
   if (kRecv) recv_rows(a, tickets[1], row_of);
 }
 
@@ -426,10 +421,7 @@ void launch(const DispatchArgs& a, int64_t blocks) {
 
 // EP_OPS_LL_DISPATCH_SPLIT=1: the op as its two halves, for A/B timings of the fusion.
 bool split_dispatch() {
-  static const bool split = [] {
-    const char* value = std::getenv("EP_OPS_LL_DISPATCH_SPLIT");
-    return value != nullptr && value[0] != '\0' && value[0] != '0';
-  }();
+  static const bool split = ll_env_flag("EP_OPS_LL_DISPATCH_SPLIT");
   return split;
 }
 

@@ -27,18 +27,14 @@ namespace ep_ops::cuda {
 
 enum LowLatencyPhase : int { kLLDispatch = 0, kLLWeights = 1, kLLPartials = 2, kLLPhases = 3 };
 
-// Counters of the dispatch phase grow by kLLUnit per send (or read) of a slab: every block of
-// the launch adds its share (block_share in ll_common.cuh: 1, and block 0 the rest), so no block
-// waits for the others and the grid size is free. Those of the combine phases grow by 1, added by
-// the last block of the kernel (last_block_done).
+// Every counter grows by kLLUnit per send (or read) of a slab: every block of the launch adds its
+// share (block_share in ll_common.cuh: 1, and block 0 the rest), so no block waits for the others
+// and the grid size is free. A launch's epoch is its start ticket / kLLUnit (take_start_ticket).
 constexpr uint64_t kLLUnit = uint64_t{1} << 20;  // more than any grid
-__host__ __device__ constexpr uint64_t ll_unit(int phase) { return phase == kLLDispatch ? kLLUnit : 1; }
 
 struct LowLatencyControl {
-  uint64_t sends[kLLPhases][2];                  // local: our sends into slab p so far (× ll_unit)
-  uint64_t recvs[kLLPhases][2];                  // local: our reads of slab p so far (× ll_unit)
-  uint32_t send_tickets[kLLPhases];              // local: blocks of the running send kernel done
-  uint32_t recv_tickets[kLLPhases];              // local: same for the receiving kernel (combine)
+  uint64_t sends[kLLPhases][2];                  // local: our sends into slab p so far (× kLLUnit)
+  uint64_t recvs[kLLPhases][2];                  // local: our reads of slab p so far (× kLLUnit)
   uint64_t arrivals[kLLPhases][2][kMaxNvlRanks];  // by source s: its sends into our slab p
   uint64_t freed[kLLPhases][2][kMaxNvlRanks];     // by receiver d: its reads of our rows in slab p
   int64_t layout_key;                            // local: LowLatencyGeometry::key() of the last send

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <cstdlib>
+
 #include "../collective/ops.h"
 #include "ll_layout.h"
 #include "nvl_buffer.h"
@@ -22,6 +24,12 @@ inline int ll_num_sms(int device) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   return count;
+}
+
+// An environment switch: set, non-empty and not starting with '0' (read it once and keep it).
+inline bool ll_env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] != '\0' && value[0] != '0';
 }
 
 // Writes this rank's token rows into the peers' dispatch slab `slab`; returns the view of our
@@ -43,16 +51,26 @@ collective::LowLatencyRecv ll_dispatch(const LowLatencyBuffer& b, int slab, cons
                                        int64_t num_experts, bool use_fp8, bool round_scale,
                                        bool use_ue8m0);
 
-// Sends our tokens' weights to the expert ranks, then our experts' partial sums back to the
-// tokens' ranks; returns the view of our partials slab the peers write into.
+// The send half (hook op): sends our tokens' weights to the expert ranks, then our experts'
+// partial sums back to the tokens' ranks, in one launch (EP_OPS_LL_COMBINE_SPLIT=1: two); it
+// never waits for the token side of this call. Returns the view of our partials slab the peers
+// write into.
 at::Tensor ll_combine_send(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
                            const at::Tensor& x, const at::Tensor& topk_idx,
                            const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
                            int64_t num_max);
 
-// Waits for every rank's partials in `recv_partials` (our slab `slab`) and sums them per token.
+// The recv half: waits for every rank's partials in `recv_partials` (our slab `slab`) and sums
+// them per token.
 at::Tensor ll_combine_recv(const LowLatencyBuffer& b, int slab, const at::Tensor& recv_partials,
                            const at::Tensor& topk_idx, int64_t hidden, int64_t num_experts,
                            int64_t num_max);
+
+// The whole combine in one launch: ll_combine_send then ll_combine_recv without handing the slab
+// back in between (EP_OPS_LL_COMBINE_SPLIT=1: as three launches, one per phase).
+at::Tensor ll_combine(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
+                      const at::Tensor& x, const at::Tensor& topk_idx,
+                      const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
+                      int64_t num_max);
 
 }  // namespace ep_ops::cuda

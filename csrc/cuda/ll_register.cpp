@@ -181,11 +181,22 @@ Tensor low_latency_combine_recv(const Tensor& recv_partials, const Tensor& topk_
 Tensor low_latency_combine(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights,
                            const Tensor& recv_token_slots, int64_t num_max, bool use_logfmt,
                            const std::string& group_name) {
-  auto partials = combine_send(x, topk_idx, topk_weights, recv_token_slots, num_max, use_logfmt,
-                               group_name, "low_latency_combine");
-  const int64_t num_ranks = partials.size(0);
-  return low_latency_combine_recv(partials, topk_idx, x.size(2), x.size(0) * num_ranks, num_max,
-                                  use_logfmt, group_name);
+  const char* op = "low_latency_combine";
+  const int64_t num_topk = topk_idx.dim() == 2 ? topk_idx.size(1) : 0;
+  const int64_t hidden = x.dim() == 3 ? x.size(2) : 0;
+  // LogFMT runs on the collective backend (no NVLink encoder yet).
+  auto b = use_logfmt ? std::nullopt : nvl_buffer_for(group_name, num_max, hidden, num_topk, op);
+  if (!b) {
+    return collective::low_latency_combine(x, topk_idx, topk_weights, recv_token_slots, num_max,
+                                           use_logfmt, group_name);
+  }
+  // Also every check of the recv half: topk_idx 2-D int64 on x's device, at most num_max tokens.
+  collective::check_low_latency_combine(x, topk_idx, topk_weights, recv_token_slots, num_max,
+                                        b->view.num_ranks, op);
+  const int weights_slab = take_ll_slab(group_name, kLLWeights);
+  const int partials_slab = take_ll_slab(group_name, kLLPartials);
+  return ll_combine(*b, weights_slab, partials_slab, x, topk_idx, topk_weights, recv_token_slots,
+                    num_max);
 }
 
 }  // namespace
