@@ -21,6 +21,9 @@ namespace ep_ops::cuda {
 
 constexpr int kMaxNvlRanks = 8;
 constexpr int64_t kControlBytes = 64 * 1024;
+// Row-chunk counters per source of the overlapped dispatch (nvl_dispatch_overlap.cu): a source's
+// stream of rows to us is cut into at most this many chunks.
+constexpr int kMaxDispatchChunks = 512;
 
 // Control words, all uint64; peers write the per-source slots [kMaxNvlRanks].
 struct Control {
@@ -34,6 +37,9 @@ struct Control {
   uint64_t combine_arrivals[kMaxNvlRanks];
   uint64_t combine_freed[kMaxNvlRanks];
   int32_t counts[kMaxNvlRanks][kMaxNvlRanks];     // counts[s][d]: tokens source s sends to d
+  // Overlapped dispatch: rows of chunk k that source s has written into our dispatch region this
+  // epoch (peers add, our receive resets it to 0 once the chunk is complete, before freed).
+  uint64_t dispatch_chunk_rows[kMaxNvlRanks][kMaxDispatchChunks];
 };
 static_assert(sizeof(Control) <= kControlBytes - kTrippedOffsetFromControlEnd);
 

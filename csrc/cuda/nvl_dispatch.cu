@@ -1,14 +1,45 @@
 // Dispatch and cached dispatch between the GPUs of one host, through the group's NVLink buffer.
 //
-// Three launches on the current stream:
+// Launches on the current stream:
 //   notify: wait until every receiver has consumed our previous rows, post our per-destination
 //           counts to every peer, wait for theirs; out: rank_prefix_matrix and per-rank totals.
 //   send:   each warp takes tokens and writes each token's row straight into every destination's
 //           dispatch region, at (rows from lower source ranks) + (its index among our tokens for
 //           that destination): the receiver's order is fixed by the data, no atomics decide it.
-//   recv:   wait for every source's send blocks, copy the rows out into the output tensors,
-//           then tell the sources their rows are consumed.
+//   recv:   copy the rows out into the output tensors, then tell the sources their rows are
+//           consumed.
 // Epochs and counters live in the buffer, so a captured graph replays correctly.
+//
+// Two shapes of send + recv, with the same outputs bit for bit (nvl_dispatch_rows.cuh has the
+// per-row code both use):
+//   overlapped (default; nvl_dispatch_overlap.cu): ONE kernel of S send blocks + Q receive
+//       blocks (32 + 64 by default, all resident at once). Senders post per-chunk progress (a
+//       release-add per row on the receiver's counter of its (source, chunk of C >= 16 rows)),
+//       and receive blocks copy each chunk out as soon as its counter is full, while the rest is
+//       still crossing NVLink.
+//   separate (EP_OPS_NVL_OVERLAP=0, or when S + Q blocks cannot all be resident): send kernel
+//       (256 blocks) then recv kernel (256 blocks), which waits for every send block of every
+//       source before its first copy.
+//
+// Why the overlapped shape is faster (2 x H200, 4096 tokens x 7168 BF16, top-8 of 256; estimates,
+// not measurements): the separate shape costs notify (~25 us) + send (~150-180 us: 58 MB each way
+// at <= 388 GB/s) + recv (~60-80 us: 117 MB read and 117 MB written in local HBM) + launches, in
+// series: ~350-400 us measured. Overlapped, the receive copy runs under the send, which is bound
+// by the link, not by HBM (all local traffic of a rank, ~410 MB, needs ~120 us at ~3.5 TB/s, less
+// than the ~150 us the link needs); what stays exposed is the copy of the last chunk of each
+// stream (C rows over 16 warps: ~1-3 us) and one launch less: ~25 + ~160-190 = ~185-215 us for
+// BF16 (target <= 200), ~25 + ~85-100 = ~110-125 us for FP8 (target <= 120).
+// What it costs: one fence + release-add over NVLink per (token, destination) row, by one lane of
+// the sending warp (the warp waits for its writes to land: ~1-2 us, hidden by the other warps);
+// per chunk a spin by one thread and a block barrier on the receiver; 32 KB of chunk counters in
+// the control region; S + Q = 96 SMs busy for the whole send instead of 132 SMs in two phases;
+// the receive blocks spin while they wait (local L2 polls).
+//
+// A/B: EP_OPS_NVL_OVERLAP=0 selects the separate kernels (read at every call; set it alike on
+// every rank). EP_OPS_NVL_SEND_BLOCKS (a divisor of 256, default 32) and EP_OPS_NVL_RECV_BLOCKS
+// (1..256, default 64) size the overlapped kernel for tuning; a pair the device cannot hold at
+// once falls back to the separate kernels. E.g.
+//   EP_OPS_NVL_OVERLAP=0 python3 -m ep_ops.bench --ranks 2   vs   python3 -m ep_ops.bench --ranks 2
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +47,8 @@
 
 #include "nvl_buffer.h"
 #include "nvl_dispatch.h"
+#include "nvl_dispatch_overlap.h"
+#include "nvl_dispatch_rows.cuh"
 #include "nvl_positions.cuh"
 #include "nvl_recv_done.cuh"
 #include "nvl_rows.cuh"
@@ -28,7 +61,6 @@ constexpr int kSendBlocks = 256;  // fixed: receivers count send blocks to know 
 constexpr int kRecvBlocks = kDispatchRecvBlocks;  // the freed ticket counts them (nvl_recv_done.cuh)
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxLocalExperts = 1024;
 
 __global__ void __launch_bounds__(kScanThreads) notify_kernel(
     PeerView v, const bool* in_rank, int num_tokens, const int32_t* given_prefix,
@@ -82,20 +114,7 @@ __global__ void abort_kernel(PeerView v) {
   store_release(&v.control(tid)->dispatch_freed[v.rank], cur);
 }
 
-struct SendArgs {
-  const uint8_t* x;
-  const uint8_t* scales;
-  const uint8_t* topk;
-  const uint8_t* weights;
-  const bool* in_rank;
-  const int32_t* positions;  // [T, R]: the token's index among our tokens for each destination
-  const int32_t* prefix;     // rank_prefix_matrix [R, R]
-  int num_tokens;
-  RowLayout row;
-  int64_t scale_bytes, topk_bytes, weight_bytes;  // unpadded source widths
-};
-
-__global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) {
+__global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, DispatchSendArgs a) {
   if (watchdog_tripped(v.watchdog)) return;  // notify gave up: the prefix matrix is not valid
   const int me = v.rank, R = v.num_ranks;
   const int lane = threadIdx.x % 32;
@@ -104,17 +123,9 @@ __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) 
   for (int t = blockIdx.x * kWarps + threadIdx.x / 32; t < a.num_tokens; t += gridDim.x * kWarps) {
     for (int d = 0; d < R; ++d) {
       if (!a.in_rank[static_cast<int64_t>(t) * R + d]) continue;
-      const int64_t index =
-          (me > 0 ? a.prefix[(me - 1) * R + d] : 0) + a.positions[static_cast<int64_t>(t) * R + d];
+      const int64_t index = dispatch_row_index(a, me, R, t, d);
       if (index >= capacity_rows) continue;  // cannot happen after the host's capacity check
-      uint8_t* dst = v.dispatch_region(d) + index * row_bytes;
-      warp_copy(dst, a.x + t * a.row.payload, a.row.payload, lane);
-      if (a.scales) warp_copy_words(dst + a.row.scales_at(), a.scales + t * a.scale_bytes, a.scale_bytes, lane);
-      if (a.topk) warp_copy_words(dst + a.row.topk_at(), a.topk + t * a.topk_bytes, a.topk_bytes, lane);
-      if (a.weights) {
-        warp_copy_words(dst + a.row.weights_at(), a.weights + t * a.weight_bytes, a.weight_bytes, lane);
-      }
-      if (lane == 0) *reinterpret_cast<int32_t*>(dst + a.row.src_at()) = t;
+      dispatch_send_row(a, t, v.dispatch_region(d) + index * row_bytes, lane);
     }
   }
   __syncthreads();
@@ -124,23 +135,8 @@ __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) 
   }
 }
 
-struct RecvArgs {
-  uint8_t* recv_x;
-  float* recv_scales;
-  int64_t* recv_topk;
-  float* recv_weights;
-  int32_t* recv_src;
-  int32_t* expert_counts;  // [E_local], zeroed by the host
-  const int32_t* prefix;
-  int64_t num_rows;        // rows of the outputs (N, or num_worst_tokens)
-  RowLayout row;
-  int num_scales, num_topk, experts_per_rank;
-  // false: the routing pass of dispatch_permuted (recv_x null): the rows stay in the buffer for
-  // its permuted copy, which posts the freed flags instead.
-  bool post_freed;
-};
-
-__global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) {
+// minBlocks 1: without it ptxas picks 64 registers for this kernel and spills (84 bytes).
+__global__ void __launch_bounds__(kThreads, 1) recv_kernel(PeerView v, DispatchRecvArgs a) {
   __shared__ int32_t hist[kMaxLocalExperts];
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32;
   Control* mine = v.control(me);
@@ -154,44 +150,14 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
   const int64_t first_expert = static_cast<int64_t>(me) * a.experts_per_rank;
   const int64_t row_bytes = a.row.bytes();
   for (int64_t n = blockIdx.x * kWarps + tid / 32; n < a.num_rows; n += gridDim.x * kWarps) {
-    uint8_t* out = a.recv_x + n * a.row.payload;
-    if (n >= num_valid) {  // worst-token padding
-      for (int64_t i = lane; i < a.row.payload / 16 && a.recv_x; i += 32) reinterpret_cast<int4*>(out)[i] = int4{0, 0, 0, 0};
-      for (int i = lane; i < a.num_scales; i += 32) a.recv_scales[n * a.num_scales + i] = 0.f;
-      for (int k = lane; k < a.num_topk && a.recv_topk; k += 32) a.recv_topk[n * a.num_topk + k] = -1;
-      for (int k = lane; k < a.num_topk && a.recv_weights; k += 32) a.recv_weights[n * a.num_topk + k] = 0.f;
-      if (lane == 0) a.recv_src[n] = -1;
+    if (n >= num_valid) {
+      dispatch_recv_padding(a, n, lane);
       continue;
     }
-    const uint8_t* src = v.dispatch_region(me) + n * row_bytes;
-    if (a.recv_x) warp_copy(out, src, a.row.payload, lane);
-    const auto* scales = reinterpret_cast<const float*>(src + a.row.scales_at());
-    for (int i = lane; i < a.num_scales; i += 32) a.recv_scales[n * a.num_scales + i] = scales[i];
-    if (a.recv_topk) {
-      const auto* global = reinterpret_cast<const int64_t*>(src + a.row.topk_at());
-      const auto* weights = reinterpret_cast<const float*>(src + a.row.weights_at());
-      for (int k = lane; k < a.num_topk; k += 32) {
-        const int64_t local = global[k] - first_expert;
-        const bool here = global[k] >= 0 && local >= 0 && local < a.experts_per_rank;
-        a.recv_topk[n * a.num_topk + k] = here ? local : -1;
-        if (a.recv_weights) a.recv_weights[n * a.num_topk + k] = here ? weights[k] : 0.f;
-      }
-      if (lane == 0) {  // a row counts once per distinct local expert
-        for (int k = 0; k < a.num_topk; ++k) {
-          const int64_t local = global[k] - first_expert;
-          if (global[k] < 0 || local < 0 || local >= a.experts_per_rank) continue;
-          bool seen = false;
-          for (int j = 0; j < k; ++j) seen |= global[j] == global[k];
-          if (!seen) atomicAdd(&hist[local], 1);
-        }
-      }
-    }
-    if (lane == 0) a.recv_src[n] = *reinterpret_cast<const int32_t*>(src + a.row.src_at());
+    dispatch_recv_row</*kConcurrent=*/false>(a, n, v.dispatch_region(me) + n * row_bytes, first_expert, hist, lane);
   }
   __syncthreads();
-  for (int i = tid; i < a.experts_per_rank && a.recv_topk; i += blockDim.x) {
-    if (hist[i]) atomicAdd(&a.expert_counts[i], hist[i]);
-  }
+  dispatch_flush_hist(a, hist);
   if (a.post_freed) dispatch_recv_block_done(v, cur);
 }
 
@@ -227,6 +193,10 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   const RowLayout row = dispatch_row_layout(hidden * x.element_size(), num_scales, num_topk, has_weights);
   const int64_t capacity_rows = v.region_bytes / row.bytes();
   auto int_options = x.options().dtype(at::kInt);
+  const int64_t per_rank = num_topk > 0 ? num_experts / R : 0;
+  TORCH_CHECK_VALUE(per_rank <= kMaxLocalExperts, "ep_ops.dispatch: at most ", kMaxLocalExperts,
+                    " experts per rank on NVLink, got ", per_rank);
+  const DispatchOverlapConfig overlap = dispatch_overlap_config();
 
   // notify
   auto prefix = given_prefix.has_value() ? given_prefix->contiguous()
@@ -267,17 +237,12 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   auto idx = topk_idx.has_value() ? std::optional<at::Tensor>(topk_idx->contiguous()) : std::nullopt;
   auto w = has_weights ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
   auto s = x_scales.has_value() ? std::optional<at::Tensor>(x_scales->contiguous()) : std::nullopt;
-  SendArgs send{static_cast<const uint8_t*>(x.data_ptr()), bytes_of(s), bytes_of(idx), bytes_of(w),
+  DispatchSendArgs send{static_cast<const uint8_t*>(x.data_ptr()), bytes_of(s), bytes_of(idx), bytes_of(w),
                 in_rank.data_ptr<bool>(), positions.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
                 static_cast<int>(num_tokens), row, 4LL * num_scales, 8LL * num_topk,
                 has_weights ? 4LL * num_topk : 0};
-  send_kernel<<<kSendBlocks, kThreads, 0, stream>>>(v, send);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // recv
-  const int64_t per_rank = num_topk > 0 ? num_experts / R : 0;
-  TORCH_CHECK_VALUE(per_rank <= kMaxLocalExperts, "ep_ops.dispatch: at most ", kMaxLocalExperts,
-                    " experts per rank on NVLink, got ", per_rank);
   NvlDispatchResult out;
   const bool copy_rows = !routing_only;
   out.recv_x = at::empty(copy_rows ? at::IntArrayRef{num_rows, hidden} : at::IntArrayRef{0}, x.options());
@@ -290,7 +255,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   out.num_recv_tokens_per_expert = at::zeros({idx.has_value() ? per_rank : 0}, int_options);
   out.recv_src_idx = at::empty({num_rows}, int_options);
   out.rank_prefix_matrix = prefix;
-  RecvArgs recv{copy_rows ? static_cast<uint8_t*>(out.recv_x.data_ptr()) : nullptr,
+  DispatchRecvArgs recv{copy_rows ? static_cast<uint8_t*>(out.recv_x.data_ptr()) : nullptr,
                 s.has_value() && copy_rows ? out.recv_x_scales.data_ptr<float>() : nullptr,
                 idx.has_value() ? out.recv_topk_idx.data_ptr<int64_t>() : nullptr,
                 has_weights ? out.recv_topk_weights.data_ptr<float>() : nullptr,
@@ -298,8 +263,14 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                 out.num_recv_tokens_per_expert.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
                 num_rows, row, copy_rows ? num_scales : 0, num_topk, static_cast<int>(per_rank),
                 /*post_freed=*/copy_rows};
-  recv_kernel<<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (overlap.enabled) {
+    launch_dispatch_overlap(overlap, v, send, recv, capacity_rows, stream);
+  } else {
+    send_kernel<<<kSendBlocks, kThreads, 0, stream>>>(v, send);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    recv_kernel<<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   if (idx.has_value() && expert_alignment > 1) {
     auto& c = out.num_recv_tokens_per_expert;
     c = (at::floor_divide(c + (expert_alignment - 1), expert_alignment) * expert_alignment)

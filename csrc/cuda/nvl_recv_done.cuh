@@ -1,7 +1,7 @@
 // The end of a dispatch receive: the last of the kDispatchRecvBlocks blocks to finish tells every
 // source that its rows in our buffer are consumed. A ticket in the buffer counts the blocks
 // (cumulative, never reset, so graph replays stay in step); every receiving kernel that ends a
-// dispatch runs exactly kDispatchRecvBlocks blocks and calls this once per block.
+// dispatch runs kDispatchRecvBlocks tickets' worth of blocks and calls this once per block.
 #pragma once
 
 #include "nvl_buffer.h"
@@ -10,16 +10,25 @@
 
 namespace ep_ops::cuda {
 
-// Called by every thread of the block after its last read of the dispatch region.
-__device__ inline void dispatch_recv_block_done(const PeerView& v, uint64_t epoch) {
+// Called by every thread of the block after its last read of the dispatch region. A kernel with
+// fewer blocks (the overlapped dispatch) has block i add tickets_for_block(i, blocks): the
+// tickets of one dispatch still sum to kDispatchRecvBlocks, and only the last add lands on a
+// multiple of it.
+__host__ __device__ inline uint64_t tickets_for_block(int block, int blocks) {
+  return kDispatchRecvBlocks / blocks + (block < kDispatchRecvBlocks % blocks ? 1 : 0);
+}
+
+__device__ inline void dispatch_recv_block_done(const PeerView& v, uint64_t epoch,
+                                                uint64_t tickets = 1) {
   __syncthreads();
   if (threadIdx.x == 0) {
     const int me = v.rank;
     Control* mine = v.control(me);
     fence_gpu();
     const uint64_t ticket =
-        atomicAdd(reinterpret_cast<unsigned long long*>(&mine->dispatch_recv_tickets), 1ULL) + 1;
+        atomicAdd(reinterpret_cast<unsigned long long*>(&mine->dispatch_recv_tickets), tickets) + tickets;
     if (ticket % kDispatchRecvBlocks == 0) {
+      fence_gpu();  // the other blocks' reads and chunk-counter resets (before their tickets) first
       for (int s = 0; s < v.num_ranks; ++s) store_release(&v.control(s)->dispatch_freed[me], epoch);
     }
   }

@@ -31,22 +31,25 @@ __host__ __device__ inline RowLayout dispatch_row_layout(int64_t payload, int nu
 // lane issues kUnroll loads before its stores: a copy is bound by load latency, not bandwidth,
 // unless several loads are in flight. kReadOnly: the source is an input no one writes during the
 // kernel (read through the non-coherent cache); false for rows a peer wrote this kernel.
-template <bool kReadOnly = true>
+// kSkipL1 (with kReadOnly false): loads through L2 only (ld.global.cg), for rows a peer may still
+// be writing nearby while this SM reads (a 128-byte line can hold the ends of two rows).
+template <bool kReadOnly = true, bool kSkipL1 = false>
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes,
                                           int lane) {
   constexpr int kUnroll = 4;
   auto* d = reinterpret_cast<int4*>(dst);
   const auto* s = reinterpret_cast<const int4*>(src);
+  const auto load = [](const int4* p) { return kReadOnly ? __ldg(p) : kSkipL1 ? __ldcg(p) : *p; };
   const int64_t n = bytes / 16;
   int64_t i = lane;
   for (; i + 32 * (kUnroll - 1) < n; i += 32 * kUnroll) {
     int4 v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = kReadOnly ? __ldg(s + i + 32 * u) : s[i + 32 * u];
+    for (int u = 0; u < kUnroll; ++u) v[u] = load(s + i + 32 * u);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) d[i + 32 * u] = v[u];
   }
-  for (; i < n; i += 32) d[i] = kReadOnly ? __ldg(s + i) : s[i];
+  for (; i < n; i += 32) d[i] = load(s + i);
 }
 
 // The warp copies `bytes` (a multiple of 4) in 4-byte words: for small fields whose source is

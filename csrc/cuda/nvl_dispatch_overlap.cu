@@ -1,0 +1,197 @@
+// The overlapped dispatch: one launch after notify whose first `S` blocks send and whose other
+// `Q` blocks receive, each source's rows copied out chunk by chunk while the senders still write
+// (why, and what it costs: the top of nvl_dispatch.cu).
+//
+// Chunks. The rows source s sends to rank d form one stream in d's region, rows
+// [prefix[s-1][d], prefix[s][d]); row j of the stream (the token's position among s's tokens for
+// d) is in chunk j / C, with C = max(kWarps, ceil(capacity_rows / kMaxDispatchChunks)) (the same
+// on every rank: it depends only on the call's row layout and the buffer size).
+//   sender: a warp writes its token's rows, then per destination one release-add of 1 on
+//           Control::dispatch_chunk_rows[s][chunk] of the receiver. Warps take tokens in a grid
+//           stride, so each stream fills roughly front to back and its chunks complete in order.
+//   receiver: the chunks of all streams, interleaved (chunk 0 of every source, then chunk 1, ...)
+//           and preceded by the worst-token padding, are dealt round-robin to the Q blocks. A
+//           block's thread 0 waits until the chunk's counter holds its row count, resets it to 0
+//           (only we touch it until our freed flag lets the source send again), and the block's
+//           warps copy the chunk's rows out, a row per warp.
+// Rows a source could not place (past the region, which the host's checks rule out) are neither
+// written nor counted nor waited for. The send blocks add kSendBlocks / S to dispatch_arrivals
+// each, so that counter stays in step with the separate kernels and a process may switch paths
+// between calls (every rank must take the same path within a call).
+//
+// Co-residency: receive blocks spin on our own send blocks (the stream to ourselves), so every
+// block must be resident at once: S + Q must not exceed the blocks the device holds (checked
+// here, else the caller falls back). Send blocks have the lowest indices, and never wait.
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
+#include "nvl_dispatch.h"
+#include "nvl_dispatch_overlap.h"
+#include "nvl_recv_done.cuh"
+#include "nvl_signals.cuh"
+
+namespace ep_ops::cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kSendBlocks = 256;  // the separate send kernel's blocks (nvl_dispatch.cu)
+constexpr int kDefaultSendBlocks = 32;
+constexpr int kDefaultRecvBlocks = 64;
+
+struct ChunkPlan {
+  int send_blocks;    // S: blockIdx.x < S send
+  int chunk_rows;     // C
+  int64_t capacity_rows;
+};
+
+__device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendArgs& a,
+                                          const ChunkPlan& p) {
+  const int me = v.rank, R = v.num_ranks, lane = threadIdx.x % 32;
+  const int64_t row_bytes = a.row.bytes();
+  for (int t = blockIdx.x * kWarps + threadIdx.x / 32; t < a.num_tokens; t += p.send_blocks * kWarps) {
+    const bool* in_rank = a.in_rank + static_cast<int64_t>(t) * R;
+    for (int d = 0; d < R; ++d) {
+      if (!in_rank[d]) continue;
+      const int64_t index = dispatch_row_index(a, me, R, t, d);
+      if (index < p.capacity_rows) dispatch_send_row(a, t, v.dispatch_region(d) + index * row_bytes, lane);
+    }
+    __syncwarp();  // every lane's writes of this token before lane d's flag
+    if (lane < R && in_rank[lane] && dispatch_row_index(a, me, R, t, lane) < p.capacity_rows) {
+      const int64_t j = a.positions[static_cast<int64_t>(t) * R + lane];
+      fence_system();
+      add_release(&v.control(lane)->dispatch_chunk_rows[me][j / p.chunk_rows], 1);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < R) {
+    fence_system();
+    add_release(&v.control(threadIdx.x)->dispatch_arrivals[me], kSendBlocks / p.send_blocks);
+  }
+}
+
+// Rows of source s's stream in our region: where it starts and how many of its rows fit.
+__device__ __forceinline__ void stream_of(const DispatchRecvArgs& a, const ChunkPlan& p, int R,
+                                          int me, int s, int64_t& base, int64_t& rows) {
+  base = s > 0 ? a.prefix[(s - 1) * R + me] : 0;
+  rows = a.prefix[s * R + me] - base;
+  rows = max(int64_t{0}, min(rows, p.capacity_rows - base));
+}
+
+__device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvArgs& a,
+                                          const ChunkPlan& p, int32_t* hist) {
+  const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int q = blockIdx.x - p.send_blocks, num_q = gridDim.x - p.send_blocks;
+  Control* mine = v.control(me);
+  const uint64_t cur = mine->dispatch_epoch;
+  for (int i = tid; i < a.experts_per_rank; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
+
+  const int64_t C = p.chunk_rows;
+  const int64_t num_valid = a.prefix[(R - 1) * R + me];
+  const int64_t pad_chunks = (max(int64_t{0}, a.num_rows - num_valid) + C - 1) / C;
+  int64_t most_chunks = 0;
+  for (int s = 0; s < R; ++s) {
+    int64_t base, rows;
+    stream_of(a, p, R, me, s, base, rows);
+    most_chunks = max(most_chunks, (rows + C - 1) / C);
+  }
+  const int64_t first_expert = static_cast<int64_t>(me) * a.experts_per_rank;
+  const int64_t row_bytes = a.row.bytes();
+  const uint8_t* region = v.dispatch_region(me);
+  for (int64_t g = q; g < pad_chunks + most_chunks * R; g += num_q) {
+    if (g < pad_chunks) {  // worst-token padding: nothing to wait for
+      const int64_t end = min(a.num_rows, num_valid + (g + 1) * C);
+      for (int64_t n = num_valid + g * C + warp; n < end; n += kWarps) dispatch_recv_padding(a, n, lane);
+      continue;
+    }
+    const int64_t k = (g - pad_chunks) / R;
+    const int s = static_cast<int>((g - pad_chunks) % R);
+    int64_t base, rows;
+    stream_of(a, p, R, me, s, base, rows);
+    const int64_t lo = k * C, hi = min(rows, lo + C);
+    if (lo >= hi) continue;  // block-uniform
+    bool ok = true;
+    if (tid == 0) {
+      uint64_t* counter = &mine->dispatch_chunk_rows[s][k];
+      ok = wait_at_least(v.watchdog, counter, static_cast<uint64_t>(hi - lo), me, s, kWaitDispatchRows);
+      if (ok) *reinterpret_cast<volatile uint64_t*>(counter) = 0;  // complete: ready for the next epoch
+    }
+    if (!block_waits_ok(ok)) return;  // thread 0's acquire, then the barrier, before the reads
+    for (int64_t n = base + lo + warp; n < base + hi && n < a.num_rows; n += kWarps) {
+      dispatch_recv_row</*kConcurrent=*/true>(a, n, region + n * row_bytes, first_expert, hist, lane);
+    }
+  }
+  __syncthreads();
+  dispatch_flush_hist(a, hist);
+  if (a.post_freed) dispatch_recv_block_done(v, cur, tickets_for_block(q, num_q));
+}
+
+__global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView v, DispatchSendArgs send,
+                                                                        DispatchRecvArgs recv, ChunkPlan plan) {
+  __shared__ int32_t hist[kMaxLocalExperts];
+  if (watchdog_tripped(v.watchdog)) return;  // notify gave up: the prefix matrix is not valid
+  if (blockIdx.x < plan.send_blocks) {
+    send_role(v, send, plan);
+  } else {
+    recv_role(v, recv, plan, hist);
+  }
+}
+
+// A positive integer from the environment, or `fallback` when unset.
+int env_int(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  char* end = nullptr;
+  const long parsed = std::strtol(value, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && parsed > 0 && parsed <= 1 << 20, "ep_ops: ", name,
+                    " must be a positive integer, got '", value, "'");
+  return static_cast<int>(parsed);
+}
+
+// Blocks of the kernel the device holds at once (cached per device).
+int resident_blocks(int device) {
+  static std::atomic<int> cached[64];  // 0: not measured yet
+  std::atomic<int>* slot = device >= 0 && device < 64 ? &cached[device] : nullptr;
+  if (slot && slot->load() > 0) return slot->load();
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, dispatch_overlap_kernel, kThreads, 0));
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int blocks = per_sm * sms;
+  if (slot) slot->store(blocks);
+  return blocks;
+}
+
+}  // namespace
+
+DispatchOverlapConfig dispatch_overlap_config() {
+  const char* mode = std::getenv("EP_OPS_NVL_OVERLAP");
+  const bool wanted = mode == nullptr || std::string(mode) != "0";
+  const int send_blocks = env_int("EP_OPS_NVL_SEND_BLOCKS", kDefaultSendBlocks);
+  const int recv_blocks = env_int("EP_OPS_NVL_RECV_BLOCKS", kDefaultRecvBlocks);
+  TORCH_CHECK_VALUE(kSendBlocks % send_blocks == 0, "ep_ops: EP_OPS_NVL_SEND_BLOCKS must divide ",
+                    kSendBlocks, ", got ", send_blocks);
+  TORCH_CHECK_VALUE(recv_blocks <= kDispatchRecvBlocks, "ep_ops: EP_OPS_NVL_RECV_BLOCKS must be at most ",
+                    kDispatchRecvBlocks, ", got ", recv_blocks);
+  if (!wanted) return {false, send_blocks, recv_blocks};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  return {send_blocks + recv_blocks <= resident_blocks(device), send_blocks, recv_blocks};
+}
+
+void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
+                             const DispatchSendArgs& send, const DispatchRecvArgs& recv,
+                             int64_t capacity_rows, cudaStream_t stream) {
+  const int64_t chunk = (capacity_rows + kMaxDispatchChunks - 1) / kMaxDispatchChunks;
+  const ChunkPlan plan{config.send_blocks, static_cast<int>(std::max<int64_t>(kWarps, chunk)), capacity_rows};
+  dispatch_overlap_kernel<<<config.send_blocks + config.recv_blocks, kThreads, 0, stream>>>(v, send, recv, plan);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace ep_ops::cuda

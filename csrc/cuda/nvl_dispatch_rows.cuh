@@ -1,0 +1,129 @@
+// Dispatch's per-row work, shared by the two kernel shapes (nvl_dispatch.cu: separate send and
+// receive kernels; nvl_dispatch_overlap.cu: one kernel with send and receive blocks), so both
+// write the same bytes: a warp sends one token's row to one destination, a warp turns one row of
+// the local buffer into the outputs. All forceinline: the kernels pass members of their argument
+// structs, which a call out of line would copy to local memory.
+#pragma once
+
+#include <cstdint>
+
+#include "nvl_buffer.h"
+#include "nvl_rows.cuh"
+
+namespace ep_ops::cuda {
+
+constexpr int kMaxLocalExperts = 1024;
+
+struct DispatchSendArgs {
+  const uint8_t* x;
+  const uint8_t* scales;
+  const uint8_t* topk;
+  const uint8_t* weights;
+  const bool* in_rank;
+  const int32_t* positions;  // [T, R]: the token's index among our tokens for each destination
+  const int32_t* prefix;     // rank_prefix_matrix [R, R]
+  int num_tokens;
+  RowLayout row;
+  int64_t scale_bytes, topk_bytes, weight_bytes;  // unpadded source widths
+};
+
+struct DispatchRecvArgs {
+  uint8_t* recv_x;
+  float* recv_scales;
+  int64_t* recv_topk;
+  float* recv_weights;
+  int32_t* recv_src;
+  int32_t* expert_counts;  // [E_local], zeroed by the host
+  const int32_t* prefix;
+  int64_t num_rows;        // rows of the outputs (N, or num_worst_tokens)
+  RowLayout row;
+  int num_scales, num_topk, experts_per_rank;
+  // false: the routing pass of dispatch_permuted (recv_x null): the rows stay in the buffer for
+  // its permuted copy, which posts the freed flags instead.
+  bool post_freed;
+};
+
+// Token t's row index in destination d's dispatch region: rows of lower sources first.
+__device__ __forceinline__ int64_t dispatch_row_index(const DispatchSendArgs& a, int me, int R, int t,
+                                                      int d) {
+  return (me > 0 ? a.prefix[(me - 1) * R + d] : 0) + a.positions[static_cast<int64_t>(t) * R + d];
+}
+
+// The warp writes token t's row at dst (a peer's or our own dispatch region).
+__device__ __forceinline__ void dispatch_send_row(const DispatchSendArgs& a, int t, uint8_t* dst,
+                                                  int lane) {
+  warp_copy(dst, a.x + t * a.row.payload, a.row.payload, lane);
+  if (a.scales) warp_copy_words(dst + a.row.scales_at(), a.scales + t * a.scale_bytes, a.scale_bytes, lane);
+  if (a.topk) warp_copy_words(dst + a.row.topk_at(), a.topk + t * a.topk_bytes, a.topk_bytes, lane);
+  if (a.weights) {
+    warp_copy_words(dst + a.row.weights_at(), a.weights + t * a.weight_bytes, a.weight_bytes, lane);
+  }
+  if (lane == 0) *reinterpret_cast<int32_t*>(dst + a.row.src_at()) = t;
+}
+
+// Output row n past the received rows (worst-token padding).
+__device__ __forceinline__ void dispatch_recv_padding(const DispatchRecvArgs& a, int64_t n, int lane) {
+  uint8_t* out = a.recv_x + n * a.row.payload;
+  for (int64_t i = lane; i < a.row.payload / 16 && a.recv_x; i += 32) reinterpret_cast<int4*>(out)[i] = int4{0, 0, 0, 0};
+  for (int i = lane; i < a.num_scales; i += 32) a.recv_scales[n * a.num_scales + i] = 0.f;
+  for (int k = lane; k < a.num_topk && a.recv_topk; k += 32) a.recv_topk[n * a.num_topk + k] = -1;
+  for (int k = lane; k < a.num_topk && a.recv_weights; k += 32) a.recv_weights[n * a.num_topk + k] = 0.f;
+  if (lane == 0) a.recv_src[n] = -1;
+}
+
+// A field of a buffer row: through L2 only when a peer may be writing nearby during the kernel.
+template <bool kConcurrent, typename T>
+__device__ __forceinline__ T row_field(const T* p) {
+  if constexpr (kConcurrent) {
+    return __ldcg(p);
+  } else {
+    return *p;
+  }
+}
+
+// Output row n from buffer row src; local expert ids counted into the block's hist.
+// kConcurrent: peers are still writing other rows of the region during this kernel (the
+// overlapped dispatch): every read skips L1, whose lines may hold the unwritten end of a
+// neighbouring row fetched earlier; false: the rows were complete before this kernel's waits.
+template <bool kConcurrent>
+__device__ __forceinline__ void dispatch_recv_row(const DispatchRecvArgs& a, int64_t n,
+                                                  const uint8_t* src, int64_t first_expert,
+                                                  int32_t* hist, int lane) {
+  if (a.recv_x) {
+    warp_copy</*kReadOnly=*/!kConcurrent, /*kSkipL1=*/kConcurrent>(a.recv_x + n * a.row.payload, src,
+                                                                    a.row.payload, lane);
+  }
+  const auto* scales = reinterpret_cast<const float*>(src + a.row.scales_at());
+  for (int i = lane; i < a.num_scales; i += 32) a.recv_scales[n * a.num_scales + i] = row_field<kConcurrent>(scales + i);
+  if (a.recv_topk) {
+    const auto* global = reinterpret_cast<const long long*>(src + a.row.topk_at());
+    const auto* weights = reinterpret_cast<const float*>(src + a.row.weights_at());
+    for (int k = lane; k < a.num_topk; k += 32) {
+      const int64_t id = row_field<kConcurrent>(global + k);
+      const int64_t local = id - first_expert;
+      const bool here = id >= 0 && local >= 0 && local < a.experts_per_rank;
+      a.recv_topk[n * a.num_topk + k] = here ? local : -1;
+      if (a.recv_weights) a.recv_weights[n * a.num_topk + k] = here ? row_field<kConcurrent>(weights + k) : 0.f;
+    }
+    if (lane == 0) {  // a row counts once per distinct local expert
+      for (int k = 0; k < a.num_topk; ++k) {
+        const int64_t id = row_field<kConcurrent>(global + k);
+        const int64_t local = id - first_expert;
+        if (id < 0 || local < 0 || local >= a.experts_per_rank) continue;
+        bool seen = false;
+        for (int j = 0; j < k; ++j) seen |= row_field<kConcurrent>(global + j) == id;
+        if (!seen) atomicAdd(&hist[local], 1);
+      }
+    }
+  }
+  if (lane == 0) a.recv_src[n] = row_field<kConcurrent>(reinterpret_cast<const int32_t*>(src + a.row.src_at()));
+}
+
+// The block's expert histogram into the per-expert counts (after a block barrier).
+__device__ __forceinline__ void dispatch_flush_hist(const DispatchRecvArgs& a, const int32_t* hist) {
+  for (int i = threadIdx.x; i < a.experts_per_rank && a.recv_topk; i += blockDim.x) {
+    if (hist[i]) atomicAdd(&a.expert_counts[i], hist[i]);
+  }
+}
+
+}  // namespace ep_ops::cuda
