@@ -193,7 +193,10 @@ def low_latency_worker(rank, world_size, group_name, cases, device="cpu"):
             grads[rank].to(device), out[0], my_topk, my_weights, out[5], num_max, group_name
         )
         assert_same(grad_x, expected_grads[rank][0], f"low_latency_combine_backward grad_x {what}")
-        torch.testing.assert_close(grad_w.cpu(), expected_grads[rank][1])
+        # grad_w is a float32 dot product over the hidden size: its summation order is the
+        # device's (ATen's CUDA reduction differs from the CPU loop), so it matches to rounding
+        # only (8 ranks on H200: 1.2e-5 off at 1.5, over the float32 default of 1e-5 + 1.3e-6).
+        torch.testing.assert_close(grad_w.cpu(), expected_grads[rank][1], rtol=2e-5, atol=1e-5)
 
 
 LOW_LATENCY_CASES = [
