@@ -36,7 +36,8 @@ EXIT_GRACE_S = 10.0
 
 
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (for the rendezvous store)."""
+    """A TCP port that was free on 127.0.0.1 a moment ago (another process may take it before
+    it is used: parallel_launch itself does not rely on it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -52,6 +53,15 @@ def intra_op_threads(device: str, world_size: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // world_size)
 
 
+def _rendezvous_store(pg_timeout: float) -> dist.TCPStore:
+    """The launch's rendezvous store, served by the launching process on a port the kernel
+    picks, so concurrent launches (test shards on one GPU host) never race for a port, and the
+    store outlives any rank that dies."""
+    return dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=pg_timeout)
+    )
+
+
 def _run_rank(rank, world_size, port, backend, device, pg_timeout, worker, args, conn):
     """Body of one spawned process: join the group, run the worker, send back the outcome."""
     try:
@@ -60,9 +70,10 @@ def _run_rank(rank, world_size, port, backend, device, pg_timeout, worker, args,
         if device == "cuda":
             torch.cuda.set_device(rank)
             options["device_id"] = torch.device("cuda", rank)  # binds the NCCL communicator
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=pg_timeout))
         dist.init_process_group(
             backend,
-            init_method=f"tcp://127.0.0.1:{port}",
+            store=store,
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=pg_timeout),
@@ -138,7 +149,8 @@ def parallel_launch(
         )
 
     ctx = mp.get_context("spawn")
-    port = free_port()
+    store = _rendezvous_store(pg_timeout)
+    port = store.port
     env = dict(CHILD_ENV, OMP_NUM_THREADS="1") if device == "cpu" else CHILD_ENV
     procs, conns = [], []
     saved_env = {key: os.environ.get(key) for key in env}
