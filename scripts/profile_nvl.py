@@ -1,5 +1,7 @@
-"""Kernel-level times of the NVLink normal-mode ops on 2 GPUs (torch.profiler), for tuning:
-python3 scripts/profile_nvl.py. Prints rank 0's CUDA kernel table."""
+"""Kernel-level times of the NVLink normal-mode ops (torch.profiler), for tuning:
+python3 scripts/profile_nvl.py [--ranks N]. Prints rank 0's CUDA kernel table."""
+
+import argparse
 
 import torch
 import torch.distributed as dist
@@ -34,4 +36,7 @@ def worker(rank, world_size, group_name, tokens=4096, hidden=7168, topk=8, exper
 
 
 if __name__ == "__main__":
-    print(parallel_launch(2, worker, backend="nccl", device="cuda", timeout=300)[0])
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ranks", type=int, default=2, help="GPUs of this host (default 2)")
+    args = parser.parse_args()
+    print(parallel_launch(args.ranks, worker, backend="nccl", device="cuda", timeout=300)[0])
