@@ -4,6 +4,8 @@ valid on GPU_RANKS ranks by ``for_world``, each run twice), and a captured CUDA 
 worst-token dispatch -> expert -> combine that replays correctly while the routing changes.
 Skipped without GPU_RANKS GPUs."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -30,6 +32,22 @@ def nvl_worker(rank, world_size, group_name):
 
 def test_nvl_ops_match_reference():
     parallel_launch(GPU_RANKS, nvl_worker, backend="nccl", device="cuda", timeout=300)
+
+
+def kernel_shapes_worker(rank, world_size, group_name):
+    """The same cases with the separate send and receive kernels (EP_OPS_NVL_OVERLAP=0, what a GPU
+    that cannot hold the overlapped kernel's blocks at once runs), then with the overlapped ones
+    on the same buffer: both shapes keep the buffer's counters in step for each other."""
+    buffer = init_nvl_buffer(dist.group.WORLD, NVL_BYTES)
+    cases = [for_world(c, world_size) for c in NORMAL_CASES]
+    for overlap in ("0", "1"):
+        os.environ["EP_OPS_NVL_OVERLAP"] = overlap  # read at every call
+        normal_worker(rank, world_size, group_name, cases, "cuda")
+    del buffer
+
+
+def test_nvl_ops_match_reference_with_separate_kernels_then_overlapped():
+    parallel_launch(GPU_RANKS, kernel_shapes_worker, backend="nccl", device="cuda", timeout=400)
 
 
 def graph_worker(rank, world_size, group_name):
