@@ -288,7 +288,7 @@ void launch(const CombineArgs& a, int64_t blocks) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// What every phase needs; the per-phase parts are filled by with_send / with_recv.
+// What every phase needs; the per-phase parts are filled by send_args / with_recv.
 CombineArgs common_args(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
                         int64_t num_max, int64_t hidden, int64_t num_topk, int64_t num_experts) {
   const int64_t R = b.view.num_ranks;
@@ -314,14 +314,25 @@ CombineArgs common_args(const LowLatencyBuffer& b, int weights_slab, int partial
   return a;
 }
 
-// The inputs must outlive the launch (they do: the caller holds them until it returns).
-void with_send(CombineArgs& a, const at::Tensor& x_c, const at::Tensor& topk_c,
-               const at::Tensor& weights_c, const at::Tensor& slots_c) {
-  a.topk_idx = topk_c.data_ptr<int64_t>();
-  a.num_tokens = static_cast<int>(topk_c.size(0));
-  a.topk_weights = weights_c.data_ptr<float>();
-  a.x = reinterpret_cast<const __nv_bfloat16*>(x_c.data_ptr());
-  a.token_slots = slots_c.data_ptr<int32_t>();
+// The send phases' inputs in the layout the kernels read; the caller holds them until the
+// launch is queued.
+struct SendInputs {
+  at::Tensor x, topk_idx, topk_weights, token_slots;
+};
+
+// What the send phases (and the whole op) need: common_args plus the inputs, kept in `held`.
+CombineArgs send_args(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
+                      const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                      const at::Tensor& recv_token_slots, int64_t num_max, SendInputs& held) {
+  held = {aligned16(x), topk_idx.contiguous(), topk_weights.contiguous(), recv_token_slots.contiguous()};
+  CombineArgs a = common_args(b, weights_slab, partials_slab, num_max, x.size(2), topk_idx.size(1),
+                              x.size(0) * b.view.num_ranks);
+  a.topk_idx = held.topk_idx.data_ptr<int64_t>();
+  a.num_tokens = static_cast<int>(held.topk_idx.size(0));
+  a.topk_weights = held.topk_weights.data_ptr<float>();
+  a.x = reinterpret_cast<const __nv_bfloat16*>(held.x.data_ptr());
+  a.token_slots = held.token_slots.data_ptr<int32_t>();
+  return a;
 }
 
 at::Tensor with_recv(CombineArgs& a, const at::Tensor& topk_c) {
@@ -355,14 +366,11 @@ at::Tensor ll_combine_send(const LowLatencyBuffer& b, int weights_slab, int part
                            const at::Tensor& x, const at::Tensor& topk_idx,
                            const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
                            int64_t num_max) {
-  const int64_t R = b.view.num_ranks, K = topk_idx.size(1), hidden = x.size(2);
+  const int64_t R = b.view.num_ranks;
   c10::cuda::CUDAGuard guard(x.device());
-  auto topk_c = topk_idx.contiguous();
-  auto weights_c = topk_weights.contiguous();
-  auto x_c = aligned16(x);
-  auto slots_c = recv_token_slots.contiguous();
-  CombineArgs a = common_args(b, weights_slab, partials_slab, num_max, hidden, K, x.size(0) * R);
-  with_send(a, x_c, topk_c, weights_c, slots_c);
+  SendInputs held;
+  const CombineArgs a = send_args(b, weights_slab, partials_slab, x, topk_idx, topk_weights,
+                                  recv_token_slots, num_max, held);
   launch_send(a, x.get_device());
   // What the peers write into our slab: the recv half reads it once their flags are up.
   return b.local.narrow(0, a.partials_offset, R * num_max * a.partial_row)
@@ -385,15 +393,12 @@ at::Tensor ll_combine(const LowLatencyBuffer& b, int weights_slab, int partials_
                       const at::Tensor& x, const at::Tensor& topk_idx,
                       const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
                       int64_t num_max) {
-  const int64_t R = b.view.num_ranks, K = topk_idx.size(1), hidden = x.size(2);
+  const int64_t R = b.view.num_ranks;
   c10::cuda::CUDAGuard guard(x.device());
-  auto topk_c = topk_idx.contiguous();
-  auto weights_c = topk_weights.contiguous();
-  auto x_c = aligned16(x);
-  auto slots_c = recv_token_slots.contiguous();
-  CombineArgs a = common_args(b, weights_slab, partials_slab, num_max, hidden, K, x.size(0) * R);
-  with_send(a, x_c, topk_c, weights_c, slots_c);
-  auto out = with_recv(a, topk_c);
+  SendInputs held;
+  CombineArgs a = send_args(b, weights_slab, partials_slab, x, topk_idx, topk_weights,
+                            recv_token_slots, num_max, held);
+  auto out = with_recv(a, held.topk_idx);
   if (split_combine()) {
     launch_send(a, x.get_device());
     launch<false, false, true>(a, a.num_tokens);

@@ -345,7 +345,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_half_kernel(DispatchAr
   dispatch<kSend, !kSend>(a);
 }
 
-// What both phases need; the per-phase parts are filled by with_send / with_recv.
+// What both phases need; the per-phase parts are filled by send_args / with_recv.
 DispatchArgs common_args(const LowLatencyBuffer& b, int slab, int64_t num_max, int64_t hidden,
                          int64_t num_topk, int64_t num_experts, bool use_fp8) {
   const int64_t R = b.view.num_ranks;
@@ -366,12 +366,23 @@ DispatchArgs common_args(const LowLatencyBuffer& b, int slab, int64_t num_max, i
   return a;
 }
 
-// x_c and topk_c must outlive the launch (they do: the caller holds them until it returns).
-void with_send(DispatchArgs& a, const at::Tensor& x_c, const at::Tensor& topk_c, bool round_scale) {
-  a.x = reinterpret_cast<const __nv_bfloat16*>(x_c.data_ptr());
-  a.topk_idx = topk_c.data_ptr<int64_t>();
-  a.num_tokens = static_cast<int>(x_c.size(0));
+// The send phase's inputs in the layout the kernels read; the caller holds them until the launch
+// is queued.
+struct SendInputs {
+  at::Tensor x, topk_idx;
+};
+
+// What the send phase (and the whole op) needs: common_args plus the inputs, kept in `held`.
+DispatchArgs send_args(const LowLatencyBuffer& b, int slab, const at::Tensor& x, const at::Tensor& topk_idx,
+                       int64_t num_max, int64_t num_experts, bool use_fp8, bool round_scale,
+                       SendInputs& held) {
+  held = {aligned16(x), topk_idx.contiguous()};
+  DispatchArgs a = common_args(b, slab, num_max, x.size(1), topk_idx.size(1), num_experts, use_fp8);
+  a.x = reinterpret_cast<const __nv_bfloat16*>(held.x.data_ptr());
+  a.topk_idx = held.topk_idx.data_ptr<int64_t>();
+  a.num_tokens = static_cast<int>(held.x.size(0));
   a.round_scale = round_scale;
+  return a;
 }
 
 // Allocates the outputs of the receive phase on `like`'s device and points `a` at them.
@@ -430,12 +441,9 @@ bool split_dispatch() {
 at::Tensor ll_dispatch_send(const LowLatencyBuffer& b, int slab, const at::Tensor& x,
                             const at::Tensor& topk_idx, int64_t num_max, int64_t num_experts,
                             bool use_fp8, bool round_scale) {
-  const int64_t K = topk_idx.size(1), hidden = x.size(1);
   c10::cuda::CUDAGuard guard(x.device());
-  auto x_c = aligned16(x);
-  auto topk_c = topk_idx.contiguous();
-  DispatchArgs a = common_args(b, slab, num_max, hidden, K, num_experts, use_fp8);
-  with_send(a, x_c, topk_c, round_scale);
+  SendInputs held;
+  const DispatchArgs a = send_args(b, slab, x, topk_idx, num_max, num_experts, use_fp8, round_scale, held);
   launch<true, false>(a, a.num_tokens);  // a block per token
   // What the peers write into our slab: the recv half reads it once their flags are up.
   return b.local.narrow(0, a.slab_offset, b.view.num_ranks * num_max * a.row.bytes())
@@ -457,12 +465,9 @@ collective::LowLatencyRecv ll_dispatch(const LowLatencyBuffer& b, int slab, cons
                                        const at::Tensor& topk_idx, int64_t num_max,
                                        int64_t num_experts, bool use_fp8, bool round_scale,
                                        bool use_ue8m0) {
-  const int64_t K = topk_idx.size(1), hidden = x.size(1);
   c10::cuda::CUDAGuard guard(x.device());
-  auto x_c = aligned16(x);
-  auto topk_c = topk_idx.contiguous();
-  DispatchArgs a = common_args(b, slab, num_max, hidden, K, num_experts, use_fp8);
-  with_send(a, x_c, topk_c, round_scale);
+  SendInputs held;
+  DispatchArgs a = send_args(b, slab, x, topk_idx, num_max, num_experts, use_fp8, round_scale, held);
   auto out = with_recv(a, x, use_ue8m0);
   if (split_dispatch()) {
     launch<true, false>(a, a.num_tokens);

@@ -6,6 +6,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <utility>
+
 #include "../collective/checks.h"
 #include "../collective/low_latency_checks.h"
 #include "../collective/ops.h"
@@ -66,20 +69,18 @@ void check_packed(const Tensor& packed, const char* name, int64_t num_ranks, int
                     row_bytes, "], got ", packed.sizes());
 }
 
-Tensor dispatch_send(const Tensor& x, const Tensor& topk_idx, int64_t num_max, int64_t num_experts,
-                     bool use_fp8, bool round_scale, bool use_ue8m0, const std::string& group_name,
-                     const char* op) {
+// The group's buffer and the dispatch slab a whole op or send half takes, once the call is
+// checked; nullopt for the collective backend.
+std::optional<std::pair<LowLatencyBuffer, int>> nvl_dispatch_slab(
+    const Tensor& x, const Tensor& topk_idx, int64_t num_max, int64_t num_experts, bool use_fp8,
+    bool round_scale, bool use_ue8m0, const std::string& group_name, const char* op) {
   const int64_t num_topk = topk_idx.dim() == 2 ? topk_idx.size(1) : 0;
   const int64_t hidden = x.dim() == 2 ? x.size(1) : 0;
   auto b = nvl_buffer_for(group_name, num_max, hidden, num_topk, op);
-  if (!b) {
-    return collective::low_latency_dispatch_send(x, topk_idx, num_max, num_experts, use_fp8,
-                                                 round_scale, use_ue8m0, group_name);
-  }
+  if (!b) return std::nullopt;
   check_dispatch_call(x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
                       b->view.num_ranks, op);
-  const int slab = take_ll_slab(group_name, kLLDispatch);
-  return ll_dispatch_send(*b, slab, x, topk_idx, num_max, num_experts, use_fp8, round_scale);
+  return std::make_pair(*b, take_ll_slab(group_name, kLLDispatch));
 }
 
 collective::LowLatencyRecv dispatch_recv(const Tensor& recv_packed, int64_t num_max,
@@ -105,26 +106,28 @@ collective::LowLatencyRecv dispatch_recv(const Tensor& recv_packed, int64_t num_
 Tensor low_latency_dispatch_send(const Tensor& x, const Tensor& topk_idx, int64_t num_max,
                                  int64_t num_experts, bool use_fp8, bool round_scale,
                                  bool use_ue8m0, const std::string& group_name) {
-  return dispatch_send(x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
-                       group_name, "low_latency_dispatch_send");
+  auto slab = nvl_dispatch_slab(x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
+                                group_name, "low_latency_dispatch_send");
+  if (!slab) {
+    return collective::low_latency_dispatch_send(x, topk_idx, num_max, num_experts, use_fp8,
+                                                 round_scale, use_ue8m0, group_name);
+  }
+  return ll_dispatch_send(slab->first, slab->second, x, topk_idx, num_max, num_experts, use_fp8,
+                          round_scale);
 }
 
 collective::LowLatencyRecv low_latency_dispatch(const Tensor& x, const Tensor& topk_idx,
                                                 int64_t num_max, int64_t num_experts,
                                                 bool use_fp8, bool round_scale, bool use_ue8m0,
                                                 const std::string& group_name) {
-  const char* op = "low_latency_dispatch";
-  const int64_t num_topk = topk_idx.dim() == 2 ? topk_idx.size(1) : 0;
-  const int64_t hidden = x.dim() == 2 ? x.size(1) : 0;
-  auto b = nvl_buffer_for(group_name, num_max, hidden, num_topk, op);
-  if (!b) {
+  auto slab = nvl_dispatch_slab(x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
+                                group_name, "low_latency_dispatch");
+  if (!slab) {
     return collective::low_latency_dispatch(x, topk_idx, num_max, num_experts, use_fp8,
                                             round_scale, use_ue8m0, group_name);
   }
-  check_dispatch_call(x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
-                      b->view.num_ranks, op);
-  const int slab = take_ll_slab(group_name, kLLDispatch);
-  return ll_dispatch(*b, slab, x, topk_idx, num_max, num_experts, use_fp8, round_scale, use_ue8m0);
+  return ll_dispatch(slab->first, slab->second, x, topk_idx, num_max, num_experts, use_fp8,
+                     round_scale, use_ue8m0);
 }
 
 Tensor combine_send(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights,
