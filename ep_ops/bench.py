@@ -389,21 +389,46 @@ def volumes(rank: int, inp: dict, out: dict, cfg: Config) -> dict:
     return result
 
 
-def time_all(rank: int, inp: dict, run: Ops, cfg: Config, device: torch.device) -> list[Row]:
-    """Times every op (whole ops, then send/recv pairs); bytes from this rank's outputs."""
+# Calls of an op captured in one CUDA graph for the "(graph)" rows: a replay's time / GRAPH_CALLS.
+GRAPH_CALLS = 20
+
+
+def graph_of(call: Callable) -> Callable:
+    """The replay of a CUDA graph holding GRAPH_CALLS calls of ``call`` (how decoding runs the
+    low-latency ops: no host work per call)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            call()
+    return graph.replay
+
+
+def time_all(rank: int, inp: dict, run: Ops, cfg: Config, device: torch.device, graphs: bool) -> list[Row]:
+    """Times every op (whole ops, then send/recv pairs); bytes from this rank's outputs. With
+    ``graphs`` (CUDA, low-latency ops on NVLink: capturable) also each low-latency op replayed
+    from a CUDA graph, per call."""
     timer = Timer(device)
     sizes = volumes(rank, inp, run.out, cfg)
     rows = []
-    for name, call in run.single.items():
-        (us,) = median_times(timer, [lambda _, call=call: call()], cfg)
+
+    def add_row(name, us, sized_as):
         row = Row(name, us)
-        if name in sizes:
-            total, own, row_bytes = sizes[name]
+        if sized_as in sizes:
+            total, own, row_bytes = sizes[sized_as]
             row.recv_bytes, row.remote_bytes = total * row_bytes, (total - own) * row_bytes
         rows.append(row)
+
+    for name, call in run.single.items():
+        (us,) = median_times(timer, [lambda _, call=call: call()], cfg)
+        add_row(name, us, name)
     for name, (send, recv) in run.halves.items():
         send_us, recv_us = median_times(timer, [lambda _, send=send: send(), recv], cfg)
         rows += [Row(f"{name} send", send_us), Row(f"{name} recv", recv_us)]
+    for name, call in run.single.items():
+        if graphs and name.startswith("LL "):
+            replay = graph_of(call)
+            (us,) = median_times(timer, [lambda _, replay=replay: replay()], cfg)
+            add_row(f"{name} (graph)", us / GRAPH_CALLS, name)
     return rows
 
 
@@ -441,7 +466,7 @@ def worker(rank: int, world_size: int, group_name: str, cfg: Config):
         for name, ok in checks.items():
             print(f"check {name:<28} {'PASS' if ok else 'FAIL'}", flush=True)
 
-    rows = time_all(rank, inp, run, cfg, device)
+    rows = time_all(rank, inp, run, cfg, device, graphs=bool(nvl_buffers))
     if nvl_buffers:
         torch.cuda.synchronize()  # no kernel of ours may still use them
         del nvl_buffers
