@@ -22,7 +22,15 @@ Options:
         FP8 with UE8M0 scales, receive hooks, zero-copy, LogFMT, a combine receive left pending
         across the next dispatch); all (default): both.
     --ranks N  GPUs, one rank each (default 2).
+    --plant-fault RANK  after the workload, rank RANK writes outside any allocation (a fill
+        through a strided view 64 GiB past a tensor): a self-test showing that the sanitizer
+        checks the ranks, which are child processes. The run then passes only if some process
+        reports an error (the planted one).
     Arguments after ``--`` are passed to compute-sanitizer as they are.
+
+memcheck runs with PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that every torch tensor is an
+allocation of its own and an access past its end is reported (inside the caching allocator's
+larger blocks it would not be).
 
 compute-sanitizer is looked up on PATH, then in $CUDA_HOME/bin and /usr/local/cuda/bin.
 Outputs are compared with the reference, so a run also fails on wrong results. Kernels run many
@@ -202,7 +210,26 @@ def ll_path(rank, world_size, group_name, device, num_max=16, hidden=512, topk=4
     return len(LL_CASES) + 2
 
 
-def worker(rank, world_size, group_name, path, device="cuda"):
+def plant_out_of_bounds_write(device):
+    """Writes one float 64 GiB past a small tensor: a view made through __cuda_array_interface__
+    (which, unlike as_strided, does not check the storage's size), filled by torch's own kernel."""
+
+    class PastTheEnd:
+        def __init__(self, tensor):
+            self.__cuda_array_interface__ = {
+                "shape": (2,),
+                "strides": (64 << 30,),
+                "typestr": "<f4",
+                "data": (tensor.data_ptr(), False),
+                "version": 2,
+            }
+
+    small = torch.zeros(4, device=device)
+    torch.as_tensor(PastTheEnd(small), device=device).fill_(1.0)
+    torch.cuda.synchronize(device)
+
+
+def worker(rank, world_size, group_name, path, plant_rank=-1, device="cuda"):
     import ep_ops  # noqa: F401  (loads the ops)
 
     device = torch.device(device, rank) if device == "cuda" else torch.device(device)
@@ -211,6 +238,8 @@ def worker(rank, world_size, group_name, path, device="cuda"):
         done["normal"] = normal_path(rank, world_size, group_name, device)
     if path in ("ll", "all"):
         done["ll"] = ll_path(rank, world_size, group_name, device)
+    if rank == plant_rank:
+        plant_out_of_bounds_write(device)
     return done
 
 
@@ -230,18 +259,23 @@ def find_sanitizer() -> str | None:
     return None
 
 
-def sanitize(tool: str, path: str, ranks: int, extra: list) -> int:
-    """Reruns this script under compute-sanitizer; 0 when every process's summary counts 0."""
+def sanitize(tool: str, path: str, ranks: int, extra: list, plant_rank: int = -1) -> int:
+    """Reruns this script under compute-sanitizer; 0 when every process's summary counts 0 (with
+    a planted fault: when some process reports an error)."""
     exe = find_sanitizer()
     if exe is None:
         print("sanitize_nvl: compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
         return 2
     command = [exe, "--tool", tool, "--target-processes", "all", "--report-api-errors", "no", *extra]
     command += [sys.executable, os.path.abspath(__file__), "--path", path, "--ranks", str(ranks)]
+    command += ["--plant-fault", str(plant_rank)] if plant_rank >= 0 else []
+    env = {**os.environ, **CHILD_ENV}
+    if tool == "memcheck":
+        env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
     print("+", shlex.join(command), flush=True)
     summaries = []
     with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **CHILD_ENV}
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -254,6 +288,13 @@ def sanitize(tool: str, path: str, ranks: int, extra: list) -> int:
         f"summaries, {found} errors/hazards reported; workload exit status {proc.returncode}",
         flush=True,
     )
+    if plant_rank >= 0:
+        caught = found > 0
+        print(
+            f"sanitize_nvl: the fault planted on rank {plant_rank} was {'' if caught else 'NOT '}reported",
+            flush=True,
+        )
+        return 0 if caught else 1
     return 0 if proc.returncode == 0 and summaries and found == 0 else 1
 
 
@@ -262,12 +303,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tool", choices=(*TOOLS, "none"), default="none")
     parser.add_argument("--path", choices=("normal", "ll", "all"), default="all")
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--plant-fault", dest="plant_rank", type=int, default=-1, metavar="RANK")
     parser.add_argument("extra", nargs="*", help="after --: arguments for compute-sanitizer")
     args = parser.parse_args(argv)
     if args.tool != "none":
-        return sanitize(args.tool, args.path, args.ranks, args.extra)
+        return sanitize(args.tool, args.path, args.ranks, args.extra, args.plant_rank)
     results = parallel_launch(
-        args.ranks, worker, args.path, backend="nccl", device="cuda", timeout=LAUNCH_TIMEOUT
+        args.ranks, worker, args.path, args.plant_rank, backend="nccl", device="cuda", timeout=LAUNCH_TIMEOUT
     )
     print(f"sanitize_nvl: workload done on {args.ranks} ranks: {results}", flush=True)
     return 0
