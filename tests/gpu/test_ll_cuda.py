@@ -3,6 +3,8 @@ reference (rows past recv_count are unspecified on NVLink, so they are masked), 
 send/recv halves, two dispatches in flight, captured CUDA graphs that replay with changing
 routing (two graphs sharing the buffer, replayed interleaved), and opcheck on CUDA."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -94,6 +96,19 @@ def ll_worker(rank, world_size, group_name):
 
 def test_ll_nvl_ops_match_reference():
     parallel_launch(GPU_RANKS, ll_worker, backend="nccl", device="cuda", timeout=300)
+
+
+def split_kernels_worker(rank, world_size, group_name):
+    """The same cases with each op run as separate launches (EP_OPS_LL_DISPATCH_SPLIT=1: send and
+    receive; EP_OPS_LL_COMBINE_SPLIT=1: weights, partials, receive): the fallback forms, which
+    need no co-resident grid. Read once per process, so set before the first op."""
+    os.environ["EP_OPS_LL_DISPATCH_SPLIT"] = "1"
+    os.environ["EP_OPS_LL_COMBINE_SPLIT"] = "1"
+    ll_worker(rank, world_size, group_name)
+
+
+def test_ll_nvl_ops_match_reference_as_split_kernels():
+    parallel_launch(GPU_RANKS, split_kernels_worker, backend="nccl", device="cuda", timeout=300)
 
 
 def graph_worker(rank, world_size, group_name):
