@@ -597,11 +597,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def describe_machine(cfg: Config) -> str:
+def describe_machine(cfg) -> str:
+    """The run's machine in one line; ``cfg`` has device, ranks, backend and nvl (this bench's
+    Config and bench_moe's)."""
     if cfg.device == "cuda":
         kernels = "NVLink kernels where usable" if cfg.nvl else "collective backend only"
         return f"{cfg.ranks} x {torch.cuda.get_device_name(0)}, {cfg.backend}, {kernels}"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, {cfg.backend}"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, {cfg.ranks} ranks over {cfg.backend}"
 
 
 def main(argv=None) -> int:
@@ -612,7 +614,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"python -m ep_ops.bench: error: {error}") from None
     machine = describe_machine(cfg)
     print(
-        f"ep_ops.bench: {cfg.ranks} ranks on {machine}; {cfg.tokens} tokens x {cfg.hidden} hidden, "
+        f"ep_ops.bench: {machine}; {cfg.tokens} tokens x {cfg.hidden} hidden, "
         f"top-{cfg.topk} of {cfg.experts} experts; low-latency {cfg.ll_tokens} tokens; "
         f"median of {cfg.iters} calls after {cfg.warmup} warm-up",
         flush=True,

@@ -20,8 +20,6 @@ are rank 0's.
 import argparse
 import dataclasses
 import datetime
-import os
-import platform
 import sys
 
 import torch
@@ -30,7 +28,7 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 from ep_ops import nvl
-from ep_ops.bench import Timer, add_run_options, median_times, resolve_backend, write_record
+from ep_ops.bench import Timer, add_run_options, describe_machine, median_times, resolve_backend, write_record
 from ep_ops.launch import parallel_launch
 from ep_ops.moe_layer import MoELayer
 
@@ -345,13 +343,6 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if cfg.device == "cuda" and cfg.compile_backend == "inductor" and cfg.warmup < 2:
         raise ValueError("--warmup must be >= 2 on GPUs: CUDA graphs are recorded on the second call")
     return cfg
-
-
-def describe_machine(cfg: Config) -> str:
-    if cfg.device == "cuda":
-        kernels = "NVLink kernels" if cfg.nvl else "collective backend only"
-        return f"{cfg.ranks} x {torch.cuda.get_device_name(0)}, {cfg.backend}, {kernels}"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, {cfg.ranks} ranks over {cfg.backend}"
 
 
 def describe_config(cfg: Config) -> str:
