@@ -19,12 +19,8 @@
 #                                  cores / trees)
 # Logs go to $OUT (or ./ab-logs): build-<tree>.log, <command>-<tree>-r<round>.log, summary.txt.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-# The system compiler, not the image's /opt/gcc (CONTRIBUTING.md: the latter's extension
-# segfaults on any error message).
-if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
-  export CC=/usr/bin/gcc CXX=/usr/bin/g++
-fi
+# Multicast off, the system compiler: why in gpu_env.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 [ $# -ge 1 ] || { echo "usage: bash scripts/gpu_ab.sh TREE [TREE ...]"; exit 2; }
 out=${OUT:-ab-logs}
 mkdir -p "$out"

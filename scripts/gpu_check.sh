@@ -20,14 +20,8 @@
 #                               the timing-sensitive dead-peer file alone. At 8 ranks on
 #                               8 x H200 one process takes ~10 min, 4 shards ~5 min.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-# The lent machines' image sets CC/CXX to /opt/gcc, whose g++ puts a second copy of libstdc++'s
-# stream code into the extension: formatting any error message with a number (c10::str) then
-# segfaults (seen 2026-11-22: every TORCH_CHECK failure of ours crashed the process). The
-# system compiler (the one torch's libstdc++ comes with) builds an extension that raises.
-if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
-  export CC=/usr/bin/gcc CXX=/usr/bin/g++
-fi
+# Multicast off, the system compiler: why in gpu_env.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 out=${OUT:-gpu-logs}
 mkdir -p "$out"
 counts=${EP_OPS_RANK_COUNTS:-2 4 8}
