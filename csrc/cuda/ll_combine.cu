@@ -16,6 +16,8 @@
 //             unit, adds the token's partials in float32 in ascending rank order and rounds to
 //             BF16 once (the collective backend's exact order), then adds its share to every
 //             source's partials-freed counter.
+// use_logfmt: the partials phase encodes each BF16-rounded row as LogFMT-10 (ll_logfmt.cuh; 0.66
+// of the bytes over NVLink) and the recv phase decodes each to float32 before the same sums.
 //
 // Why this costs less than the three kernels it replaces (~35 us per call under CUDA graphs at
 // 128 tokens, ~24 us of it fixed: 1 token per rank still cost ~24 us):
@@ -52,6 +54,7 @@
 #include <algorithm>
 
 #include "ll_common.cuh"
+#include "ll_logfmt.cuh"
 #include "ll_ops.h"
 
 namespace ep_ops::cuda {
@@ -64,6 +67,7 @@ struct CombineArgs {
   PeerView v;
   int num_tokens, num_topk, num_max, hidden;
   int weights_slab, partials_slab;
+  bool logfmt;  // partials as LogFMT-10 (ll_logfmt.cuh) instead of BF16
   int64_t num_experts, per_rank, layout_key;
   int64_t weights_offset, weights_row;   // the weights slab, in every rank's buffer; its row bytes
   int64_t partials_offset, partial_row;  // the same for the partials slab
@@ -108,17 +112,22 @@ __device__ __forceinline__ bool send_weights(const CombineArgs& a, uint64_t tick
   return true;
 }
 
-// Row j's weighted sum over our experts, into the source rank's partials slab. Shared: the row's
-// expert slots and weights (slot -1: not one of ours).
+// Row j's weighted sum over our experts, into the source rank's partials slab, as BF16 or (kLogfmt)
+// as LogFMT-10 of the BF16-rounded sums (the collective backend's encode_partials). Shared: the
+// row's expert slots and weights (slot -1: not one of ours).
+template <bool kLogfmt>
 __device__ __forceinline__ void partial_row(const CombineArgs& a, int j, const int32_t* slot,
                                             const float* weight) {
   const int M = a.num_max, K = a.num_topk, source = j / M, m = j % M;
-  auto* dst = reinterpret_cast<int4*>(a.v.base[source] + a.partials_offset +
-                                      (a.v.rank * static_cast<int64_t>(M) + m) * a.partial_row);
+  uint8_t* row = a.v.base[source] + a.partials_offset + (a.v.rank * static_cast<int64_t>(M) + m) * a.partial_row;
   const int vectors = a.hidden / 8;
-  for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
+  // LogFMT reduces each 128-channel group over 16 lanes: whole warps step through the row together.
+  const int lane = threadIdx.x % 32;
+  for (int i0 = kLogfmt ? threadIdx.x - lane : threadIdx.x; i0 < vectors; i0 += blockDim.x) {
+    const int i = kLogfmt ? i0 + lane : i0;
+    const bool active = !kLogfmt || i < vectors;
     float acc[8] = {};
-    for (int k0 = 0; k0 < K; k0 += kBatch) {  // kBatch loads in flight, then the sums in k order
+    for (int k0 = 0; k0 < K && active; k0 += kBatch) {  // kBatch loads in flight, then the sums in k order
       int4 raw[kBatch];
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
@@ -143,12 +152,23 @@ __device__ __forceinline__ void partial_row(const CombineArgs& a, int j, const i
     auto* out_pairs = reinterpret_cast<__nv_bfloat162*>(&out);
 #pragma unroll
     for (int q = 0; q < 4; ++q) out_pairs[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-    dst[i] = out;
+    if constexpr (kLogfmt) {
+      float rounded[8];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        rounded[2 * q] = __low2float(out_pairs[q]);
+        rounded[2 * q + 1] = __high2float(out_pairs[q]);
+      }
+      logfmt_encode_vector(rounded, row, a.hidden, i, active);
+    } else {
+      reinterpret_cast<int4*>(row)[i] = out;
+    }
   }
 }
 
 // The partials phase. `read_ticket`: this block's start ticket on our weights read counter;
 // `send_ticket`: on our partials send counter. false: a wait gave up.
+template <bool kLogfmt>
 __device__ __forceinline__ bool send_partials(const CombineArgs& a, uint64_t read_ticket,
                                               uint64_t send_ticket) {
   __shared__ int32_t slot[kMaxLLTopk];
@@ -176,7 +196,7 @@ __device__ __forceinline__ bool send_partials(const CombineArgs& a, uint64_t rea
       if (slot[threadIdx.x] >= 0) any_local = 1;
     }
     __syncthreads();
-    if (any_local) partial_row(a, j, slot, weight);
+    if (any_local) partial_row<kLogfmt>(a, j, slot, weight);
     __syncthreads();  // slot and weight are rewritten for the next row
   }
   // Done reading the weights, our partials are out: both shares at every source, one fence.
@@ -188,7 +208,17 @@ __device__ __forceinline__ bool send_partials(const CombineArgs& a, uint64_t rea
   return true;
 }
 
+// Vector i of token t's output: the float32 sums rounded to BF16 once.
+__device__ __forceinline__ void store_bf16_vector(const CombineArgs& a, int t, int i, const float (&acc)[8]) {
+  int4 out;
+  auto* out_pairs = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) out_pairs[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+  reinterpret_cast<int4*>(a.out + static_cast<int64_t>(t) * a.hidden)[i] = out;
+}
+
 // The recv phase. `ticket`: this block's start ticket on our partials read counter.
+template <bool kLogfmt>
 __device__ __forceinline__ void recv_sums(const CombineArgs& a, uint64_t ticket) {
   __shared__ int slots[kMaxNvlRanks];
   const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
@@ -211,29 +241,34 @@ __device__ __forceinline__ void recv_sums(const CombineArgs& a, uint64_t ticket)
     }
     for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
       float acc[8] = {};
-      int4 raw[kMaxNvlRanks];  // every rank's partial in flight at once, summed in rank order
+      if constexpr (kLogfmt) {  // decoded to float32 and summed in rank order, as the collective
+        for (int s = 0; s < R; ++s) {
+          if ((mask >> s) & 1u) {
+            logfmt_decode_add(a.partials + (s * static_cast<int64_t>(a.num_max) + slots[s]) * a.partial_row,
+                              a.hidden, i, acc);
+          }
+        }
+      } else {
+        int4 raw[kMaxNvlRanks];  // every rank's partial in flight at once, summed in rank order
 #pragma unroll
-      for (int s = 0; s < kMaxNvlRanks; ++s) {
-        if (s < R && ((mask >> s) & 1u)) {
-          raw[s] = reinterpret_cast<const int4*>(
-              a.partials + (s * static_cast<int64_t>(a.num_max) + slots[s]) * a.partial_row)[i];
+        for (int s = 0; s < kMaxNvlRanks; ++s) {
+          if (s < R && ((mask >> s) & 1u)) {
+            raw[s] = reinterpret_cast<const int4*>(
+                a.partials + (s * static_cast<int64_t>(a.num_max) + slots[s]) * a.partial_row)[i];
+          }
+        }
+#pragma unroll
+        for (int s = 0; s < kMaxNvlRanks; ++s) {
+          if (s >= R || !((mask >> s) & 1u)) continue;
+          const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw[s]);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            acc[2 * q] = __fadd_rn(acc[2 * q], __low2float(pairs[q]));
+            acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __high2float(pairs[q]));
+          }
         }
       }
-#pragma unroll
-      for (int s = 0; s < kMaxNvlRanks; ++s) {
-        if (s >= R || !((mask >> s) & 1u)) continue;
-        const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw[s]);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          acc[2 * q] = __fadd_rn(acc[2 * q], __low2float(pairs[q]));
-          acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __high2float(pairs[q]));
-        }
-      }
-      int4 out;
-      auto* out_pairs = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) out_pairs[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-      reinterpret_cast<int4*>(a.out + static_cast<int64_t>(t) * a.hidden)[i] = out;
+      store_bf16_vector(a, t, i, acc);
     }
     __syncthreads();  // `slots` is rewritten for the next token; the reads are done at the end
   }
@@ -245,7 +280,7 @@ __device__ __forceinline__ void recv_sums(const CombineArgs& a, uint64_t ticket)
 
 // The phases the launch runs, in order. In a launch of more than one, a block's later phase waits
 // for the earlier phase of every block of the launch on this rank: the grid must be co-resident.
-template <bool kWeights, bool kPartials, bool kRecv>
+template <bool kWeights, bool kPartials, bool kRecv, bool kLogfmt>
 __device__ __forceinline__ void combine(const CombineArgs& a) {
   __shared__ uint64_t tickets[4];
   LowLatencyControl* mine = ll_control(a.v.base[a.v.rank]);
@@ -257,40 +292,51 @@ __device__ __forceinline__ void combine(const CombineArgs& a) {
   if (kRecv && threadIdx.x == 96) tickets[3] = take_start_ticket(&mine->recvs[kLLPartials][a.partials_slab]);
   __syncthreads();
   if (kWeights && !send_weights(a, tickets[0])) return;
-  if (kPartials && !send_partials(a, tickets[1], tickets[2])) return;
-  if (kRecv) recv_sums(a, tickets[3]);
+  if (kPartials && !send_partials<kLogfmt>(a, tickets[1], tickets[2])) return;
+  if (kRecv) recv_sums<kLogfmt>(a, tickets[3]);
 }
 
 // More than one phase: one block per SM at most (co-resident), so ptxas may use up to 128
 // registers.
-template <bool kWeights, bool kPartials, bool kRecv>
+template <bool kWeights, bool kPartials, bool kRecv, bool kLogfmt>
 __global__ void __launch_bounds__(kLLThreads, 1) ll_combine_kernel(CombineArgs a) {
-  combine<kWeights, kPartials, kRecv>(a);
+  combine<kWeights, kPartials, kRecv, kLogfmt>(a);
 }
 
 // One phase (EP_OPS_LL_COMBINE_SPLIT=1, and the recv half): any grid, two blocks per SM where
 // they fit.
-template <bool kWeights, bool kPartials, bool kRecv>
+template <bool kWeights, bool kPartials, bool kRecv, bool kLogfmt>
 __global__ void __launch_bounds__(kLLThreads) ll_combine_phase_kernel(CombineArgs a) {
-  combine<kWeights, kPartials, kRecv>(a);
+  combine<kWeights, kPartials, kRecv, kLogfmt>(a);
 }
 
-template <bool kWeights, bool kPartials, bool kRecv>
-void launch(const CombineArgs& a, int64_t blocks) {
+template <bool kWeights, bool kPartials, bool kRecv, bool kLogfmt>
+void launch_as(const CombineArgs& a, int64_t blocks) {
   constexpr bool kFused = int{kWeights} + int{kPartials} + int{kRecv} > 1;
   const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, blocks)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   if constexpr (kFused) {
-    ll_combine_kernel<kWeights, kPartials, kRecv><<<grid, kLLThreads, 0, stream>>>(a);
+    ll_combine_kernel<kWeights, kPartials, kRecv, kLogfmt><<<grid, kLLThreads, 0, stream>>>(a);
   } else {
-    ll_combine_phase_kernel<kWeights, kPartials, kRecv><<<grid, kLLThreads, 0, stream>>>(a);
+    ll_combine_phase_kernel<kWeights, kPartials, kRecv, kLogfmt><<<grid, kLLThreads, 0, stream>>>(a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The phases' launch, with the partials' format (a.logfmt) picked at compile time. The weights
+// phase alone does not touch partials: one form.
+template <bool kWeights, bool kPartials, bool kRecv>
+void launch(const CombineArgs& a, int64_t blocks) {
+  if constexpr (kPartials || kRecv) {
+    if (a.logfmt) return launch_as<kWeights, kPartials, kRecv, true>(a, blocks);
+  }
+  launch_as<kWeights, kPartials, kRecv, false>(a, blocks);
+}
+
 // What every phase needs; the per-phase parts are filled by send_args / with_recv.
 CombineArgs common_args(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
-                        int64_t num_max, int64_t hidden, int64_t num_topk, int64_t num_experts) {
+                        int64_t num_max, int64_t hidden, int64_t num_topk, int64_t num_experts,
+                        bool use_logfmt) {
   const int64_t R = b.view.num_ranks;
   TORCH_CHECK_VALUE(num_topk <= kMaxLLTopk, "ep_ops.low_latency_combine: the NVLink kernels take up to ",
                     kMaxLLTopk, " experts per token, got ", num_topk);
@@ -308,7 +354,9 @@ CombineArgs common_args(const LowLatencyBuffer& b, int weights_slab, int partial
   a.weights_offset = geometry.offset(kLLWeights, weights_slab);
   a.weights_row = geometry.slab[kLLWeights] / geometry.rows;
   a.partials_offset = geometry.offset(kLLPartials, partials_slab);
-  a.partial_row = wire::combine_row_bytes(hidden, false);
+  a.logfmt = use_logfmt;
+  // A LogFMT row is shorter than a BF16 one: the slab (sized for BF16) holds it.
+  a.partial_row = wire::combine_row_bytes(hidden, use_logfmt);
   a.weights = b.local.data_ptr<uint8_t>() + a.weights_offset;
   a.partials = b.local.data_ptr<uint8_t>() + a.partials_offset;
   return a;
@@ -323,10 +371,11 @@ struct SendInputs {
 // What the send phases (and the whole op) need: common_args plus the inputs, kept in `held`.
 CombineArgs send_args(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
                       const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weights,
-                      const at::Tensor& recv_token_slots, int64_t num_max, SendInputs& held) {
+                      const at::Tensor& recv_token_slots, int64_t num_max, bool use_logfmt,
+                      SendInputs& held) {
   held = {aligned16(x), topk_idx.contiguous(), topk_weights.contiguous(), recv_token_slots.contiguous()};
   CombineArgs a = common_args(b, weights_slab, partials_slab, num_max, x.size(2), topk_idx.size(1),
-                              x.size(0) * b.view.num_ranks);
+                              x.size(0) * b.view.num_ranks, use_logfmt);
   a.topk_idx = held.topk_idx.data_ptr<int64_t>();
   a.num_tokens = static_cast<int>(held.topk_idx.size(0));
   a.topk_weights = held.topk_weights.data_ptr<float>();
@@ -365,12 +414,12 @@ void launch_send(const CombineArgs& a, int device) {
 at::Tensor ll_combine_send(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
                            const at::Tensor& x, const at::Tensor& topk_idx,
                            const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
-                           int64_t num_max) {
+                           int64_t num_max, bool use_logfmt) {
   const int64_t R = b.view.num_ranks;
   c10::cuda::CUDAGuard guard(x.device());
   SendInputs held;
   const CombineArgs a = send_args(b, weights_slab, partials_slab, x, topk_idx, topk_weights,
-                                  recv_token_slots, num_max, held);
+                                  recv_token_slots, num_max, use_logfmt, held);
   launch_send(a, x.get_device());
   // What the peers write into our slab: the recv half reads it once their flags are up.
   return b.local.narrow(0, a.partials_offset, R * num_max * a.partial_row)
@@ -379,11 +428,11 @@ at::Tensor ll_combine_send(const LowLatencyBuffer& b, int weights_slab, int part
 
 at::Tensor ll_combine_recv(const LowLatencyBuffer& b, int slab, const at::Tensor& recv_partials,
                            const at::Tensor& topk_idx, int64_t hidden, int64_t num_experts,
-                           int64_t num_max) {
+                           int64_t num_max, bool use_logfmt) {
   c10::cuda::CUDAGuard guard(recv_partials.device());
   auto topk_c = topk_idx.contiguous();
   // The weights slab is not used by this phase: any index will do.
-  CombineArgs a = common_args(b, 0, slab, num_max, hidden, topk_idx.size(1), num_experts);
+  CombineArgs a = common_args(b, 0, slab, num_max, hidden, topk_idx.size(1), num_experts, use_logfmt);
   auto out = with_recv(a, topk_c);
   launch<false, false, true>(a, a.num_tokens);  // a block per token
   return out;
@@ -392,12 +441,12 @@ at::Tensor ll_combine_recv(const LowLatencyBuffer& b, int slab, const at::Tensor
 at::Tensor ll_combine(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
                       const at::Tensor& x, const at::Tensor& topk_idx,
                       const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
-                      int64_t num_max) {
+                      int64_t num_max, bool use_logfmt) {
   const int64_t R = b.view.num_ranks;
   c10::cuda::CUDAGuard guard(x.device());
   SendInputs held;
   CombineArgs a = send_args(b, weights_slab, partials_slab, x, topk_idx, topk_weights,
-                            recv_token_slots, num_max, held);
+                            recv_token_slots, num_max, use_logfmt, held);
   auto out = with_recv(a, held.topk_idx);
   if (split_combine()) {
     launch_send(a, x.get_device());

@@ -58,19 +58,19 @@ collective::LowLatencyRecv ll_dispatch(const LowLatencyBuffer& b, int slab, cons
 at::Tensor ll_combine_send(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
                            const at::Tensor& x, const at::Tensor& topk_idx,
                            const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
-                           int64_t num_max);
+                           int64_t num_max, bool use_logfmt);
 
 // The recv half: waits for every rank's partials in `recv_partials` (our slab `slab`) and sums
 // them per token.
 at::Tensor ll_combine_recv(const LowLatencyBuffer& b, int slab, const at::Tensor& recv_partials,
                            const at::Tensor& topk_idx, int64_t hidden, int64_t num_experts,
-                           int64_t num_max);
+                           int64_t num_max, bool use_logfmt);
 
 // The whole combine in one launch: ll_combine_send then ll_combine_recv without handing the slab
 // back in between (EP_OPS_LL_COMBINE_SPLIT=1: as three launches, one per phase).
 at::Tensor ll_combine(const LowLatencyBuffer& b, int weights_slab, int partials_slab,
                       const at::Tensor& x, const at::Tensor& topk_idx,
                       const at::Tensor& topk_weights, const at::Tensor& recv_token_slots,
-                      int64_t num_max);
+                      int64_t num_max, bool use_logfmt);
 
 }  // namespace ep_ops::cuda

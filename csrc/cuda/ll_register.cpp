@@ -60,6 +60,20 @@ void check_dispatch_call(const Tensor& x, const Tensor& topk_idx, int64_t num_ma
   collective::check_fp8_options(x.size(1), use_fp8, round_scale, use_ue8m0, op);
 }
 
+// LogFMT encodes 128-channel groups (the collective backend's check, with its words).
+void check_logfmt_hidden(int64_t hidden, bool use_logfmt, const char* op) {
+  TORCH_CHECK_VALUE(!use_logfmt || hidden % wire::kFp8Block == 0, "ep_ops.", op,
+                    ": LogFMT hidden size must be a multiple of 128, got ", hidden);
+}
+
+void check_combine_call(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights,
+                        const Tensor& recv_token_slots, int64_t num_max, bool use_logfmt,
+                        int64_t num_ranks, const char* op) {
+  collective::check_low_latency_combine(x, topk_idx, topk_weights, recv_token_slots, num_max,
+                                        num_ranks, op);
+  check_logfmt_hidden(x.size(2), use_logfmt, op);
+}
+
 void check_packed(const Tensor& packed, const char* name, int64_t num_ranks, int64_t num_max,
                   int64_t row_bytes, const char* op) {
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "ep_ops.", op, ": ", name,
@@ -135,18 +149,17 @@ Tensor combine_send(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_
                     const std::string& group_name, const char* op) {
   const int64_t num_topk = topk_idx.dim() == 2 ? topk_idx.size(1) : 0;
   const int64_t hidden = x.dim() == 3 ? x.size(2) : 0;
-  // LogFMT runs on the collective backend (no NVLink encoder yet).
-  auto b = use_logfmt ? std::nullopt : nvl_buffer_for(group_name, num_max, hidden, num_topk, op);
+  auto b = nvl_buffer_for(group_name, num_max, hidden, num_topk, op);
   if (!b) {
     return collective::low_latency_combine_send(x, topk_idx, topk_weights, recv_token_slots,
                                                 num_max, use_logfmt, group_name);
   }
-  collective::check_low_latency_combine(x, topk_idx, topk_weights, recv_token_slots, num_max,
-                                        b->view.num_ranks, op);
+  check_combine_call(x, topk_idx, topk_weights, recv_token_slots, num_max, use_logfmt,
+                     b->view.num_ranks, op);
   const int weights_slab = take_ll_slab(group_name, kLLWeights);
   const int partials_slab = take_ll_slab(group_name, kLLPartials);
   return ll_combine_send(*b, weights_slab, partials_slab, x, topk_idx, topk_weights,
-                         recv_token_slots, num_max);
+                         recv_token_slots, num_max, use_logfmt);
 }
 
 Tensor low_latency_combine_send(const Tensor& x, const Tensor& topk_idx,
@@ -161,7 +174,7 @@ Tensor low_latency_combine_recv(const Tensor& recv_partials, const Tensor& topk_
                                 bool use_logfmt, const std::string& group_name) {
   const char* op = "low_latency_combine_recv";
   const int64_t num_topk = topk_idx.dim() == 2 ? topk_idx.size(1) : 0;
-  auto b = use_logfmt ? std::nullopt : nvl_buffer_for(group_name, num_max, hidden, num_topk, op);
+  auto b = nvl_buffer_for(group_name, num_max, hidden, num_topk, op);
   const int slab = b ? slab_of(*b, recv_partials, kLLPartials, num_max, hidden, num_topk) : -1;
   if (slab < 0) {
     return collective::low_latency_combine_recv(recv_partials, topk_idx, hidden, num_experts,
@@ -176,9 +189,10 @@ Tensor low_latency_combine_recv(const Tensor& recv_partials, const Tensor& topk_
   TORCH_CHECK_VALUE(topk_idx.size(0) <= num_max, "ep_ops.", op, ": topk_idx has ",
                     topk_idx.size(0), " tokens, more than num_max_dispatch_tokens_per_rank (",
                     num_max, ")");
-  check_packed(recv_partials, "recv_partials", R, num_max, wire::combine_row_bytes(hidden, false),
+  check_logfmt_hidden(hidden, use_logfmt, op);
+  check_packed(recv_partials, "recv_partials", R, num_max, wire::combine_row_bytes(hidden, use_logfmt),
                op);
-  return ll_combine_recv(*b, slab, recv_partials, topk_idx, hidden, num_experts, num_max);
+  return ll_combine_recv(*b, slab, recv_partials, topk_idx, hidden, num_experts, num_max, use_logfmt);
 }
 
 Tensor low_latency_combine(const Tensor& x, const Tensor& topk_idx, const Tensor& topk_weights,
@@ -187,19 +201,18 @@ Tensor low_latency_combine(const Tensor& x, const Tensor& topk_idx, const Tensor
   const char* op = "low_latency_combine";
   const int64_t num_topk = topk_idx.dim() == 2 ? topk_idx.size(1) : 0;
   const int64_t hidden = x.dim() == 3 ? x.size(2) : 0;
-  // LogFMT runs on the collective backend (no NVLink encoder yet).
-  auto b = use_logfmt ? std::nullopt : nvl_buffer_for(group_name, num_max, hidden, num_topk, op);
+  auto b = nvl_buffer_for(group_name, num_max, hidden, num_topk, op);
   if (!b) {
     return collective::low_latency_combine(x, topk_idx, topk_weights, recv_token_slots, num_max,
                                            use_logfmt, group_name);
   }
   // Also every check of the recv half: topk_idx 2-D int64 on x's device, at most num_max tokens.
-  collective::check_low_latency_combine(x, topk_idx, topk_weights, recv_token_slots, num_max,
-                                        b->view.num_ranks, op);
+  check_combine_call(x, topk_idx, topk_weights, recv_token_slots, num_max, use_logfmt,
+                     b->view.num_ranks, op);
   const int weights_slab = take_ll_slab(group_name, kLLWeights);
   const int partials_slab = take_ll_slab(group_name, kLLPartials);
   return ll_combine(*b, weights_slab, partials_slab, x, topk_idx, topk_weights, recv_token_slots,
-                    num_max);
+                    num_max, use_logfmt);
 }
 
 }  // namespace

@@ -89,9 +89,34 @@ def ll_worker(rank, world_size, group_name):
         partials = ops.low_latency_combine_send(*cargs)
         halves = ops.low_latency_combine_recv(partials, idx, case.hidden, E, num_max, False, group_name)
         assert_same(halves, expected_combined, f"low_latency_combine halves {what}")
+        if case.hidden % 128 == 0:
+            check_logfmt_combine(buffer, expert_out, topk, weights, num_max, E, cargs, rank, what)
     torch.cuda.synchronize()
     release_nvl_buffer(group_name, low_latency=True)
     del buffer
+
+
+def check_logfmt_combine(buffer, expert_out, topk, weights, num_max, E, cargs, rank, what):
+    """use_logfmt=True on the NVLink kernels (the partials are a view of the group's buffer, not
+    the collective backend's tensor): within the tolerance the CPU suite allows the collective
+    backend against the reference (LogFMT-10 is lossy; log2/exp2 bits are not part of the
+    contract)."""
+    ops = torch.ops.ep_ops
+    my_out, idx, my_w, slots, _, _, group_name = cargs
+    expected = reference_low_latency_combine(expert_out, topk, weights, num_max, E, True)[rank]
+    largs = (my_out, idx, my_w, slots, num_max, True, group_name)
+    partials = ops.low_latency_combine_send(*largs)
+    start = buffer.data_ptr()
+    assert start <= partials.data_ptr() < start + buffer.numel(), (
+        f"LogFMT took the collective backend: {what}"
+    )
+    hidden = my_out.shape[-1]
+    halves = ops.low_latency_combine_recv(partials, idx, hidden, E, num_max, True, group_name)
+    for name, result in (("halves", halves), ("whole op", ops.low_latency_combine(*largs))):
+        label = f"LogFMT {name} {what}"
+        torch.testing.assert_close(
+            result.cpu(), expected, rtol=2e-2, atol=1e-2, msg=lambda m, label=label: f"{label}: {m}"
+        )
 
 
 def test_ll_nvl_ops_match_reference():
