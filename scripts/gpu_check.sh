@@ -17,7 +17,9 @@
 #   GPU_CHECK_PYTEST_ARGS="..." extra pytest arguments (e.g. "-k nvl -x")
 #   GPU_CHECK_SHARDS=4          run the suite's files in 4 concurrent pytest processes (each
 #                               on all the ranks' GPUs; logs gpu-tests-ep$n-shard$i.log), then
-#                               the timing-sensitive dead-peer file alone. At 8 ranks on
+#                               the files that need the GPUs to themselves one by one (the
+#                               dead-peer file times how fast survivors raise; the lifecycle
+#                               file measures free GPU memory). At 8 ranks on
 #                               8 x H200 one process takes ~10 min, 4 shards ~5 min.
 set -uo pipefail
 # Multicast off, the system compiler: why in gpu_env.sh.
@@ -48,13 +50,16 @@ step() {
 
 # Slowest first (8-rank times, 2026-11-22), dealt round-robin so the shards end close together.
 SHARDED_FILES=(test_moe_cuda test_nvl_cuda test_stress_cuda test_permuted_cuda test_ll_cuda
-  test_collective_cuda test_lifecycle_cuda test_layout_cuda)
-LONE_FILE=test_dead_peer_cuda  # asserts how fast survivors raise: run with nothing beside it
+  test_collective_cuda test_layout_cuda)
+# Run alone, after the shards: the dead-peer file asserts how fast survivors raise, and the
+# lifecycle file reads the device's free memory, which a concurrent shard changes (seen
+# 2026-11-22: "the Buffer held 430 MB, expected at least 1 GB" beside three other shards).
+LONE_FILES=(test_dead_peer_cuda test_lifecycle_cuda)
 
 # sharded_tests RANKS SHARDS: the suite on RANKS ranks as SHARDS concurrent pytest processes.
 sharded_tests() {
   local n=$1 shards=$2 i pids=() start=$SECONDS listed
-  listed=$(printf 'tests/gpu/%s.py\n' "${SHARDED_FILES[@]}" "$LONE_FILE" | sort)
+  listed=$(printf 'tests/gpu/%s.py\n' "${SHARDED_FILES[@]}" "${LONE_FILES[@]}" | sort)
   if [ "$listed" != "$(printf '%s\n' tests/gpu/test_*.py | sort)" ]; then
     note "EP$n sharded tests: FAILED: tests/gpu has files SHARDED_FILES does not list (or lists gone ones)"
     status=1
@@ -77,9 +82,12 @@ sharded_tests() {
     note "EP$n tests shard $i: $([ "$rc" -eq 0 ] && echo ok || echo "FAILED (exit $rc)"): $(tail -n 1 "$out/gpu-tests-ep$n-shard$i.log")"
   done
   note "EP$n sharded tests: $((SECONDS - start)) s"
-  # shellcheck disable=SC2086
-  step "EP$n tests $LONE_FILE" "$out/gpu-tests-ep$n-$LONE_FILE.log" 3 \
-    env EP_OPS_GPU_RANKS="$n" python3 -m pytest -q -m gpu "tests/gpu/$LONE_FILE.py" ${GPU_CHECK_PYTEST_ARGS:-}
+  local lone
+  for lone in "${LONE_FILES[@]}"; do
+    # shellcheck disable=SC2086
+    step "EP$n tests $lone" "$out/gpu-tests-ep$n-$lone.log" 3 \
+      env EP_OPS_GPU_RANKS="$n" python3 -m pytest -q -m gpu "tests/gpu/$lone.py" ${GPU_CHECK_PYTEST_ARGS:-}
+  done
 }
 
 nvidia-smi topo -m > "$out/topology.txt" 2>&1
