@@ -64,7 +64,7 @@ constexpr int kWarps = kThreads / 32;
 
 __global__ void __launch_bounds__(kScanThreads) notify_kernel(
     PeerView v, const bool* in_rank, int num_tokens, const int32_t* given_prefix,
-    int32_t* prefix_out, int32_t* totals_out, int32_t* positions) {
+    int32_t* prefix_out, int32_t* totals_out, int32_t* positions, int32_t* own_tokens) {
   __shared__ int32_t counts[kMaxNvlRanks];
   __shared__ uint64_t epoch;
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x;
@@ -74,6 +74,12 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
   const uint64_t cur = epoch;
   // Our tokens' slots per destination, and how many go to each (the counts we post).
   token_positions(in_rank, num_tokens, R, positions, counts);
+  if (own_tokens != nullptr) {  // the inverse of our column (the barrier above made it visible)
+    for (int t = tid; t < num_tokens; t += blockDim.x) {
+      const int64_t at = static_cast<int64_t>(t) * R + me;
+      if (in_rank[at]) own_tokens[positions[at]] = t;
+    }
+  }
 
   // Receivers must have consumed our rows of the previous dispatch before we overwrite them.
   bool ok = tid >= R || wait_at_least(v.watchdog, &mine->dispatch_freed[tid], cur - 1, me, tid,
@@ -154,7 +160,8 @@ __global__ void __launch_bounds__(kThreads, 1) recv_kernel(PeerView v, DispatchR
       dispatch_recv_padding(a, n, lane);
       continue;
     }
-    dispatch_recv_row</*kConcurrent=*/false>(a, n, v.dispatch_region(me) + n * row_bytes, first_expert, hist, lane);
+    const BufferRow</*kConcurrent=*/false> src{v.dispatch_region(me) + n * row_bytes, a.row};
+    dispatch_recv_row(a, n, src, first_expert, hist, lane);
   }
   __syncthreads();
   dispatch_flush_hist(a, hist);
@@ -203,11 +210,16 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                                          : at::empty({R, R}, int_options);
   auto totals = at::empty({R}, int_options);
   auto positions = at::empty({num_tokens, R}, int_options);
+  // The overlapped kernel copies our rows to ourselves from x (not through our own buffer): it
+  // needs the token of each of those rows. Not with routing_only: dispatch_permuted's copy reads
+  // every row from the buffer.
+  const bool self_direct = overlap.enabled && !routing_only;
+  auto own_tokens = at::empty({self_direct ? num_tokens : 0}, int_options);
   notify_kernel<<<1, kScanThreads, 0, stream>>>(
       v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
       given_prefix.has_value() ? prefix.data_ptr<int32_t>() : nullptr,
       given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(), totals.data_ptr<int32_t>(),
-      positions.data_ptr<int32_t>());
+      positions.data_ptr<int32_t>(), self_direct ? own_tokens.data_ptr<int32_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Output rows: exact mode reads the totals (the host sync of exact mode); worst-token mode and
@@ -262,7 +274,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                 out.recv_src_idx.data_ptr<int32_t>(),
                 out.num_recv_tokens_per_expert.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
                 num_rows, row, copy_rows ? num_scales : 0, num_topk, static_cast<int>(per_rank),
-                /*post_freed=*/copy_rows};
+                /*post_freed=*/copy_rows, self_direct ? own_tokens.data_ptr<int32_t>() : nullptr};
   if (overlap.enabled) {
     launch_dispatch_overlap(overlap, v, send, recv, capacity_rows, stream);
   } else {

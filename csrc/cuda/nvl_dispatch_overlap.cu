@@ -48,6 +48,7 @@ struct ChunkPlan {
   int send_blocks;    // S: blockIdx.x < S send
   int chunk_rows;     // C
   int64_t capacity_rows;
+  bool self_direct;   // our rows to ourselves skip the buffer (recv.own_tokens is set)
 };
 
 __device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendArgs& a,
@@ -57,12 +58,13 @@ __device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendA
   for (int t = blockIdx.x * kWarps + threadIdx.x / 32; t < a.num_tokens; t += p.send_blocks * kWarps) {
     const bool* in_rank = a.in_rank + static_cast<int64_t>(t) * R;
     for (int d = 0; d < R; ++d) {
-      if (!in_rank[d]) continue;
+      if (!in_rank[d] || (p.self_direct && d == me)) continue;
       const int64_t index = dispatch_row_index(a, me, R, t, d);
       if (index < p.capacity_rows) dispatch_send_row(a, t, v.dispatch_region(d) + index * row_bytes, lane);
     }
     __syncwarp();  // every lane's writes of this token before lane d's flag
-    if (lane < R && in_rank[lane] && dispatch_row_index(a, me, R, t, lane) < p.capacity_rows) {
+    if (lane < R && in_rank[lane] && !(p.self_direct && lane == me) &&
+        dispatch_row_index(a, me, R, t, lane) < p.capacity_rows) {
       const int64_t j = a.positions[static_cast<int64_t>(t) * R + lane];
       fence_system();
       add_release(&v.control(lane)->dispatch_chunk_rows[me][j / p.chunk_rows], 1);
@@ -84,7 +86,8 @@ __device__ __forceinline__ void stream_of(const DispatchRecvArgs& a, const Chunk
 }
 
 __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvArgs& a,
-                                          const ChunkPlan& p, int32_t* hist) {
+                                          const DispatchSendArgs& in, const ChunkPlan& p,
+                                          int32_t* hist) {
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int q = blockIdx.x - p.send_blocks, num_q = gridDim.x - p.send_blocks;
   Control* mine = v.control(me);
@@ -104,7 +107,13 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
   const int64_t first_expert = static_cast<int64_t>(me) * a.experts_per_rank;
   const int64_t row_bytes = a.row.bytes();
   const uint8_t* region = v.dispatch_region(me);
-  for (int64_t g = q; g < pad_chunks + most_chunks * R; g += num_q) {
+  // Work items g (padding chunks, then chunk k of every stream in turn) are dealt in rounds of
+  // num_q, rotated by one block per round, so that each block meets every stream (with
+  // self_direct our own stream needs no wait: its chunks fill the waits for the others).
+  const int64_t items = pad_chunks + most_chunks * R;
+  for (int64_t round = 0; round * num_q < items; ++round) {
+    const int64_t g = round * num_q + (q + round) % num_q;
+    if (g >= items) continue;  // block-uniform
     if (g < pad_chunks) {  // worst-token padding: nothing to wait for
       const int64_t end = min(a.num_rows, num_valid + (g + 1) * C);
       for (int64_t n = num_valid + g * C + warp; n < end; n += kWarps) dispatch_recv_padding(a, n, lane);
@@ -116,6 +125,12 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
     stream_of(a, p, R, me, s, base, rows);
     const int64_t lo = k * C, hi = min(rows, lo + C);
     if (lo >= hi) continue;  // block-uniform
+    if (p.self_direct && s == me) {  // from the send inputs: nothing to wait for
+      for (int64_t n = base + lo + warp; n < base + hi && n < a.num_rows; n += kWarps) {
+        dispatch_recv_row(a, n, TokenRow{in, a.own_tokens[n - base]}, first_expert, hist, lane);
+      }
+      continue;
+    }
     bool ok = true;
     if (tid == 0) {
       uint64_t* counter = &mine->dispatch_chunk_rows[s][k];
@@ -124,7 +139,8 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
     }
     if (!block_waits_ok(ok)) return;  // thread 0's acquire, then the barrier, before the reads
     for (int64_t n = base + lo + warp; n < base + hi && n < a.num_rows; n += kWarps) {
-      dispatch_recv_row</*kConcurrent=*/true>(a, n, region + n * row_bytes, first_expert, hist, lane);
+      const BufferRow</*kConcurrent=*/true> src{region + n * row_bytes, a.row};
+      dispatch_recv_row(a, n, src, first_expert, hist, lane);
     }
   }
   __syncthreads();
@@ -139,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView 
   if (blockIdx.x < plan.send_blocks) {
     send_role(v, send, plan);
   } else {
-    recv_role(v, recv, plan, hist);
+    recv_role(v, recv, send, plan, hist);
   }
 }
 
@@ -189,7 +205,8 @@ void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView
                              const DispatchSendArgs& send, const DispatchRecvArgs& recv,
                              int64_t capacity_rows, cudaStream_t stream) {
   const int64_t chunk = (capacity_rows + kMaxDispatchChunks - 1) / kMaxDispatchChunks;
-  const ChunkPlan plan{config.send_blocks, static_cast<int>(std::max<int64_t>(kWarps, chunk)), capacity_rows};
+  const ChunkPlan plan{config.send_blocks, static_cast<int>(std::max<int64_t>(kWarps, chunk)), capacity_rows,
+                       /*self_direct=*/recv.own_tokens != nullptr};
   dispatch_overlap_kernel<<<config.send_blocks + config.recv_blocks, kThreads, 0, stream>>>(v, send, recv, plan);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -41,6 +41,10 @@ struct DispatchRecvArgs {
   // false: the routing pass of dispatch_permuted (recv_x null): the rows stay in the buffer for
   // its permuted copy, which posts the freed flags instead.
   bool post_freed;
+  // The overlapped dispatch's rows to ourselves: own_tokens[j] is the token at position j of our
+  // stream to ourselves, whose row is copied from the send inputs (TokenRow) instead of through
+  // our own buffer; null: every stream goes through the buffer.
+  const int32_t* own_tokens;
 };
 
 // Token t's row index in destination d's dispatch region: rows of lower sources first.
@@ -81,42 +85,77 @@ __device__ __forceinline__ T row_field(const T* p) {
   }
 }
 
-// Output row n from buffer row src; local expert ids counted into the block's hist.
+// Where a received row is read from: a row of the dispatch region (BufferRow), or, for the rows
+// a rank sends itself in the overlapped dispatch, the token's row of the send inputs (TokenRow).
+// Both give the same bytes: the sender copies exactly these fields into the buffer row.
 // kConcurrent: peers are still writing other rows of the region during this kernel (the
 // overlapped dispatch): every read skips L1, whose lines may hold the unwritten end of a
 // neighbouring row fetched earlier; false: the rows were complete before this kernel's waits.
 template <bool kConcurrent>
-__device__ __forceinline__ void dispatch_recv_row(const DispatchRecvArgs& a, int64_t n,
-                                                  const uint8_t* src, int64_t first_expert,
-                                                  int32_t* hist, int lane) {
-  if (a.recv_x) {
-    warp_copy</*kReadOnly=*/!kConcurrent, /*kSkipL1=*/kConcurrent>(a.recv_x + n * a.row.payload, src,
-                                                                    a.row.payload, lane);
+struct BufferRow {
+  const uint8_t* row;
+  const RowLayout& layout;
+  __device__ __forceinline__ void copy_payload(uint8_t* dst, int lane) const {
+    warp_copy</*kReadOnly=*/!kConcurrent, /*kSkipL1=*/kConcurrent>(dst, row, layout.payload, lane);
   }
-  const auto* scales = reinterpret_cast<const float*>(src + a.row.scales_at());
-  for (int i = lane; i < a.num_scales; i += 32) a.recv_scales[n * a.num_scales + i] = row_field<kConcurrent>(scales + i);
+  __device__ __forceinline__ float scale(int i) const {
+    return row_field<kConcurrent>(reinterpret_cast<const float*>(row + layout.scales_at()) + i);
+  }
+  __device__ __forceinline__ int64_t expert(int k) const {
+    return row_field<kConcurrent>(reinterpret_cast<const long long*>(row + layout.topk_at()) + k);
+  }
+  __device__ __forceinline__ float weight(int k) const {
+    return row_field<kConcurrent>(reinterpret_cast<const float*>(row + layout.weights_at()) + k);
+  }
+  __device__ __forceinline__ int32_t src() const {
+    return row_field<kConcurrent>(reinterpret_cast<const int32_t*>(row + layout.src_at()));
+  }
+};
+
+struct TokenRow {
+  const DispatchSendArgs& in;
+  int t;
+  __device__ __forceinline__ void copy_payload(uint8_t* dst, int lane) const {
+    warp_copy(dst, in.x + t * in.row.payload, in.row.payload, lane);
+  }
+  __device__ __forceinline__ float scale(int i) const {
+    return reinterpret_cast<const float*>(in.scales + t * in.scale_bytes)[i];
+  }
+  __device__ __forceinline__ int64_t expert(int k) const {
+    return reinterpret_cast<const int64_t*>(in.topk + t * in.topk_bytes)[k];
+  }
+  __device__ __forceinline__ float weight(int k) const {
+    return reinterpret_cast<const float*>(in.weights + t * in.weight_bytes)[k];
+  }
+  __device__ __forceinline__ int32_t src() const { return t; }
+};
+
+// Output row n from the received row `src`; local expert ids counted into the block's hist.
+template <typename Source>
+__device__ __forceinline__ void dispatch_recv_row(const DispatchRecvArgs& a, int64_t n, const Source& src,
+                                                  int64_t first_expert, int32_t* hist, int lane) {
+  if (a.recv_x) src.copy_payload(a.recv_x + n * a.row.payload, lane);
+  for (int i = lane; i < a.num_scales; i += 32) a.recv_scales[n * a.num_scales + i] = src.scale(i);
   if (a.recv_topk) {
-    const auto* global = reinterpret_cast<const long long*>(src + a.row.topk_at());
-    const auto* weights = reinterpret_cast<const float*>(src + a.row.weights_at());
     for (int k = lane; k < a.num_topk; k += 32) {
-      const int64_t id = row_field<kConcurrent>(global + k);
+      const int64_t id = src.expert(k);
       const int64_t local = id - first_expert;
       const bool here = id >= 0 && local >= 0 && local < a.experts_per_rank;
       a.recv_topk[n * a.num_topk + k] = here ? local : -1;
-      if (a.recv_weights) a.recv_weights[n * a.num_topk + k] = here ? row_field<kConcurrent>(weights + k) : 0.f;
+      if (a.recv_weights) a.recv_weights[n * a.num_topk + k] = here ? src.weight(k) : 0.f;
     }
     if (lane == 0) {  // a row counts once per distinct local expert
       for (int k = 0; k < a.num_topk; ++k) {
-        const int64_t id = row_field<kConcurrent>(global + k);
+        const int64_t id = src.expert(k);
         const int64_t local = id - first_expert;
         if (id < 0 || local < 0 || local >= a.experts_per_rank) continue;
         bool seen = false;
-        for (int j = 0; j < k; ++j) seen |= row_field<kConcurrent>(global + j) == id;
+        for (int j = 0; j < k; ++j) seen |= src.expert(j) == id;
         if (!seen) atomicAdd(&hist[local], 1);
       }
     }
   }
-  if (lane == 0) a.recv_src[n] = row_field<kConcurrent>(reinterpret_cast<const int32_t*>(src + a.row.src_at()));
+  if (lane == 0) a.recv_src[n] = src.src();
 }
 
 // The block's expert histogram into the per-expert counts (after a block barrier).
