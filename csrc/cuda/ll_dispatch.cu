@@ -100,32 +100,48 @@ __device__ __forceinline__ float fp8_scale_inv(float amax, bool round_scale) {
   return scale_inv;
 }
 
+// A warp casts 128-channel groups g = warp, warp + kLLWarps, ...: the loads of up to
+// kGroupsInFlight of its groups are issued together before any is cast, so the row costs about
+// one memory latency instead of one per group (probed on H200, 2026-11-22: 7.2 us per token
+// with one group in flight at hidden 7168, 3.5 groups per warp).
+constexpr int kGroupsInFlight = 4;
+
 __device__ __forceinline__ void send_fp8_row(const DispatchArgs& a, int64_t t, const int* slots, uint32_t mask) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int groups = a.hidden / static_cast<int>(wire::kFp8Block);
-  for (int g = warp; g < groups; g += kLLWarps) {
-    const int64_t channel = g * wire::kFp8Block + lane * 4;
-    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(a.x + t * a.hidden + channel));
-    const auto* pair = reinterpret_cast<const __nv_bfloat162*>(&raw);
-    float f[4] = {__low2float(pair[0]), __high2float(pair[0]), __low2float(pair[1]),
-                  __high2float(pair[1])};
-    float amax = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
+  for (int g0 = warp; g0 < groups; g0 += kLLWarps * kGroupsInFlight) {  // warp-uniform
+    uint2 raw[kGroupsInFlight];
 #pragma unroll
-    for (int step = 16; step > 0; step /= 2) {
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, step));
+    for (int u = 0; u < kGroupsInFlight; ++u) {
+      const int64_t channel = (g0 + u * kLLWarps) * wire::kFp8Block + lane * 4;
+      if (g0 + u * kLLWarps < groups) raw[u] = __ldg(reinterpret_cast<const uint2*>(a.x + t * a.hidden + channel));
     }
-    const float scale_inv = fp8_scale_inv(amax, a.round_scale);
-    const float inv = __frcp_rn(scale_inv);
-    uint32_t packed = 0;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      packed |= static_cast<uint32_t>(c10::Float8_e4m3fn(__fmul_rn(f[i], inv)).x) << (8 * i);
-    }
-    for (int d = 0; d < a.v.num_ranks; ++d) {
-      if (!((mask >> d) & 1u)) continue;
-      uint8_t* row = slab_row(a, d, slots[d]);
-      *reinterpret_cast<uint32_t*>(row + channel) = packed;
-      if (lane == 0) reinterpret_cast<float*>(row + a.row.scale_offset())[g] = scale_inv;
+    for (int u = 0; u < kGroupsInFlight; ++u) {
+      const int g = g0 + u * kLLWarps;
+      if (g >= groups) break;  // warp-uniform
+      const int64_t channel = g * wire::kFp8Block + lane * 4;
+      const auto* pair = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
+      float f[4] = {__low2float(pair[0]), __high2float(pair[0]), __low2float(pair[1]),
+                    __high2float(pair[1])};
+      float amax = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
+#pragma unroll
+      for (int step = 16; step > 0; step /= 2) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, step));
+      }
+      const float scale_inv = fp8_scale_inv(amax, a.round_scale);
+      const float inv = __frcp_rn(scale_inv);
+      uint32_t packed = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        packed |= static_cast<uint32_t>(c10::Float8_e4m3fn(__fmul_rn(f[i], inv)).x) << (8 * i);
+      }
+      for (int d = 0; d < a.v.num_ranks; ++d) {
+        if (!((mask >> d) & 1u)) continue;
+        uint8_t* row = slab_row(a, d, slots[d]);
+        *reinterpret_cast<uint32_t*>(row + channel) = packed;
+        if (lane == 0) reinterpret_cast<float*>(row + a.row.scale_offset())[g] = scale_inv;
+      }
     }
   }
 }
