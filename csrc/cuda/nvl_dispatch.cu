@@ -16,7 +16,9 @@
 //       blocks (32 + 64 by default, all resident at once). Senders post per-chunk progress (a
 //       release-add per row on the receiver's counter of its (source, chunk of C >= 16 rows)),
 //       and receive blocks copy each chunk out as soon as its counter is full, while the rest is
-//       still crossing NVLink.
+//       still crossing NVLink. A rank's rows to itself skip the buffer: the receive blocks copy
+//       them from the send inputs (notify writes which token each of those rows is), one local
+//       copy less (at 2 ranks, half the rows; measured in BENCHMARKS.md, session 5).
 //   separate (EP_OPS_NVL_OVERLAP=0, or when S + Q blocks cannot all be resident): send kernel
 //       (256 blocks) then recv kernel (256 blocks), which waits for every send block of every
 //       source before its first copy.
