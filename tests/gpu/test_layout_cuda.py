@@ -30,6 +30,14 @@ def random_topk(num_tokens, num_topk, num_experts, seed):
         (128, 8, 288, 8),
         (777, 6, 288, 3),
         (33, 4, 64, 64),
+        # K not a power of two, T not a multiple of the row tile, several tiles per block
+        (3001, 7, 96, 48),
+        (4097, 5, 96, 12),
+        (4096, 8, 256, 64),
+        (100, 0, 16, 2),
+        (3, 33, 64, 32),
+        # 4 * (R + E) is the whole 48 KB the host check allows: the row tile needs more
+        (1234, 6, 12240, 48),
     ],
 )
 def test_layout_matches_reference(num_tokens, num_topk, num_experts, num_ranks):
@@ -39,6 +47,26 @@ def test_layout_matches_reference(num_tokens, num_topk, num_experts, num_ranks):
     for g, e in zip(got, expected, strict=True):
         assert g.is_cuda and g.dtype == e.dtype and g.shape == e.shape
         assert torch.equal(g.cpu(), e)
+
+
+@pytest.mark.parametrize("num_tokens", [300, 3000])
+def test_layout_ignores_out_of_range_ids_and_counts_duplicates(num_tokens):
+    """Ids < 0 or >= num_experts count nowhere, like -1; an expert named twice by a token counts
+    twice for itself and once for its rank; one expert for every id (all atomics on one bin)."""
+    num_experts, num_ranks = 256, 4
+    gen = torch.Generator().manual_seed(num_tokens)
+    topk = torch.randint(-3, num_experts + 3, (num_tokens, 8), generator=gen)
+    topk[::7, 1] = topk[::7, 0]
+    topk[5, 2], topk[6, 3], topk[7, 4] = 1 << 40, -(1 << 40) + 3, (1 << 32) + 5
+    valid = topk.masked_fill((topk < 0) | (topk >= num_experts), -1)
+    # the ids start 8 bytes into their storage
+    unaligned = torch.cat([torch.zeros(1, dtype=torch.long), topk.view(-1)]).cuda()[1:].view_as(topk)
+    one_expert = torch.full_like(topk, 77)
+    for ids, expected_from in ((unaligned, valid), (one_expert.cuda(), one_expert)):
+        got = torch.ops.ep_ops.get_dispatch_layout(ids, num_experts, num_ranks)
+        expected = reference_layout(expected_from, num_experts, num_ranks)
+        for g, e in zip(got, expected, strict=True):
+            assert torch.equal(g.cpu(), e)
 
 
 def test_layout_opcheck_on_cuda():
