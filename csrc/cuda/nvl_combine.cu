@@ -36,7 +36,7 @@ constexpr int kWarps = kThreads / 32;
 
 // Rows source `s` sent to rank `d` in the dispatch, from the prefix matrix.
 __device__ __forceinline__ int32_t sent(const int32_t* prefix, int R, int s, int d) {
-  return prefix[s * R + d] - (s > 0 ? prefix[(s - 1) * R + d] : 0);
+  return prefix[s * R + d] - rows_before(prefix, R, s, d);
 }
 
 // Opens the epoch once every source consumed our previous rows, and computes our tokens' slots.
@@ -62,10 +62,6 @@ struct SendArgs {
   bool self_direct;  // our own rows stay in x: recv reads them there (combine, not _permuted)
 };
 
-// Rows of x (the dispatch's output order: by source rank) that came from source ranks below s.
-__device__ __forceinline__ int64_t rows_before(const int32_t* prefix, int R, int me, int s) {
-  return s > 0 ? prefix[(s - 1) * R + me] : 0;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) {
@@ -80,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) 
     const int64_t n = i < own_begin ? i : i + own_rows;
     int s = 0;
     while (a.prefix[s * R + me] <= n) ++s;  // the source rank of row n
-    const int64_t index = n - rows_before(a.prefix, R, me, s);
+    const int64_t index = n - rows_before(a.prefix, R, s, me);
     int64_t block = 0;  // rows source s sent to ranks below us come first in its region
     for (int d = 0; d < me; ++d) block += sent(a.prefix, R, s, d);
     uint8_t* dst = v.combine_region(s) + (block + index) * a.row_bytes;

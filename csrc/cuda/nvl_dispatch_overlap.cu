@@ -80,7 +80,7 @@ __device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendA
 // Rows of source s's stream in our region: where it starts and how many of its rows fit.
 __device__ __forceinline__ void stream_of(const DispatchRecvArgs& a, const ChunkPlan& p, int R,
                                           int me, int s, int64_t& base, int64_t& rows) {
-  base = s > 0 ? a.prefix[(s - 1) * R + me] : 0;
+  base = rows_before(a.prefix, R, s, me);
   rows = a.prefix[s * R + me] - base;
   rows = max(int64_t{0}, min(rows, p.capacity_rows - base));
 }

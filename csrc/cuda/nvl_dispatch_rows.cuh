@@ -50,7 +50,7 @@ struct DispatchRecvArgs {
 // Token t's row index in destination d's dispatch region: rows of lower sources first.
 __device__ __forceinline__ int64_t dispatch_row_index(const DispatchSendArgs& a, int me, int R, int t,
                                                       int d) {
-  return (me > 0 ? a.prefix[(me - 1) * R + d] : 0) + a.positions[static_cast<int64_t>(t) * R + d];
+  return rows_before(a.prefix, R, me, d) + a.positions[static_cast<int64_t>(t) * R + d];
 }
 
 // The warp writes token t's row at dst (a peer's or our own dispatch region).

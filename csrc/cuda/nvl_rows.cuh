@@ -20,6 +20,13 @@ struct RowLayout {
   __host__ __device__ int64_t bytes() const { return src_at() + 16; }
 };
 
+// Where source s's rows start in destination d's dispatch region (and in d's dispatch output):
+// the rows that lower sources sent to d, from the rank prefix matrix [R, R] (row s: cumulative
+// over sources 0..s of what each sent to each destination).
+__host__ __device__ inline int64_t rows_before(const int32_t* prefix, int R, int s, int d) {
+  return s > 0 ? prefix[(s - 1) * R + d] : 0;
+}
+
 // The row dispatch sends: payload bytes, then num_scales float32, num_topk int64 ids and (with
 // weights) num_topk float32, each field rounded up to 16 bytes.
 __host__ __device__ inline RowLayout dispatch_row_layout(int64_t payload, int num_scales, int num_topk,
