@@ -54,7 +54,7 @@ SHARDED_FILES=(test_moe_cuda test_nvl_cuda test_stress_cuda test_permuted_cuda t
 # Run alone, after the shards: the dead-peer file asserts how fast survivors raise, and the
 # lifecycle file reads the device's free memory, which a concurrent shard changes (seen
 # 2026-11-22: "the Buffer held 430 MB, expected at least 1 GB" beside three other shards).
-LONE_FILES=(test_dead_peer_cuda test_lifecycle_cuda)
+LONE_FILES=(test_dead_peer_cuda test_dead_peer_nccl test_lifecycle_cuda)
 
 # sharded_tests RANKS SHARDS: the suite on RANKS ranks as SHARDS concurrent pytest processes.
 sharded_tests() {

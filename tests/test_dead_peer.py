@@ -193,3 +193,34 @@ def test_dead_peer_combine(tmp_path):
     check_raised(outcomes, 5.0, "dead")
     names_peer_and_phase(outcomes, "combine")
     assert f"has rank {LATE} died?" in outcomes[0]["message"], outcomes[0]["message"]
+
+
+# Device groups (NCCL) exchange the headers in one all-to-all that the host watches
+# (csrc/collective/watched_exchange.h): NCCL would hang on a lost peer until its watchdog ends the
+# process, so ep_ops gives up at 80% of the group's timeout and names the ranks that never
+# checked in at the group's store. EP_OPS_HEADER_EXCHANGE=all_to_all puts CPU groups on the same
+# path, so these run it over gloo; tests/gpu/test_dead_peer_nccl.py runs it over NCCL.
+
+
+def test_watched_exchange_late_peer_three_ranks(tmp_path, monkeypatch):
+    monkeypatch.setenv("EP_OPS_HEADER_EXCHANGE", "all_to_all")
+    outcomes = run_fault(tmp_path, 3, "combine", "late", pg_timeout=5.0, via_buffer=True)
+    assert sorted(outcomes) == [0, 2]
+    check_raised(outcomes, 5.0, "late")
+    names_peer_and_phase(outcomes, "combine")
+    for outcome in outcomes.values():
+        message = outcome["message"]
+        assert "waiting for rank 1: rank 1 has not called ep_ops.combine" in message, message
+        assert "80% of the process group's timeout (5 s)" in message, message
+        assert outcome["elapsed"] < 5.0, f"not before the group's timeout: {outcome}"
+
+
+def test_watched_exchange_dead_peer(tmp_path, monkeypatch):
+    """Rank 1 exits instead of calling dispatch: gloo's all-to-all fails at once, and rank 0
+    names rank 1 (it never checked in) after a short grace for the other survivors."""
+    monkeypatch.setenv("EP_OPS_HEADER_EXCHANGE", "all_to_all")
+    outcomes = run_fault(tmp_path, 2, "dispatch", "dead", pg_timeout=5.0)
+    check_raised(outcomes, 5.0, "dead")
+    names_peer_and_phase(outcomes, "dispatch")
+    assert "lost rank 1 in the header exchange" in outcomes[0]["message"], outcomes[0]["message"]
+    assert "has rank 1 died?" in outcomes[0]["message"], outcomes[0]["message"]

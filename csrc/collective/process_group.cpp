@@ -1,5 +1,7 @@
 #include "process_group.h"
 
+#include "watched_exchange.h"
+
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
@@ -85,15 +87,15 @@ void wait_header(const c10::intrusive_ptr<c10d::Work>& work, const char* op, int
   }
 }
 
-// Every rank's header row, [R, width]. CPU groups (gloo) exchange them point to point so that a
-// peer that never arrives, or died, is named in the error; other groups (NCCL: device tensors,
-// where a lost peer ends in the communicator's watchdog) use one all-to-all.
+// Every rank's header row, [R, width]. CPU groups (gloo) exchange them point to point, so that a
+// peer that never arrives, or died, is named in gloo's error; device groups (NCCL, where a lost
+// peer would hang until the communicator's watchdog) use one all-to-all that the host watches
+// (watched_exchange.h).
 at::Tensor exchange_header_rows(const Group& group, const char* op, const at::Tensor& row,
                                 const at::Device& device) {
   const int64_t num_ranks = group->getSize(), me = group->getRank();
-  if (!device.is_cpu()) {
-    auto send = row.unsqueeze(0).expand({num_ranks, row.size(0)}).contiguous().to(device);
-    return all_to_all_equal(group, send).cpu();
+  if (!device.is_cpu() || cpu_groups_use_watched_exchange()) {
+    return watched_all_to_all_rows(group, op, row, device);
   }
   auto all = at::empty({num_ranks, row.size(0)}, row.options());
   all[me].copy_(row);

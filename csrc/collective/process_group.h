@@ -43,9 +43,10 @@ struct SignatureField {
 // Exchanges one header per rank: the check status, the signature fields and a payload of
 // int64 values (e.g. token counts). Raises on every rank if any rank failed its checks or the
 // ranks disagree on a signature field; otherwise returns the payloads, indexed [rank][i].
-// The header travels on `device` (the op's data device: NCCL moves only CUDA tensors). On CPU
-// (gloo) a peer that does not arrive within the process group's timeout, or whose connection
-// fails, makes this rank raise an error naming that peer, the op and the phase.
+// The header travels on `device` (the op's data device: NCCL moves only CUDA tensors). A peer
+// that does not arrive makes this rank raise an error naming that peer, the op and the phase:
+// on CPU (gloo) within the process group's timeout (at once if its connection fails); on
+// device groups (NCCL) at 80% of it, before NCCL's watchdog (watched_exchange.h).
 std::vector<std::vector<int64_t>> exchange_headers(const Group& group, const char* op,
                                                     const at::Device& device,
                                                     const CheckResult& local,

@@ -17,3 +17,4 @@
 #include "process_group.cpp"
 #include "register.cpp"
 #include "routing.cpp"
+#include "watched_exchange.cpp"
