@@ -230,8 +230,10 @@ def _low_latency_combine_backward(ctx, grad_combined_x):
     return grad_x, None, grad_topk_weights, None, None, None, None
 
 
-def _register():
-    formulas = {
+def _formulas() -> dict:
+    """op name -> (backward, setup_context). csrc/autograd_fast_path.cpp lists the same names: it
+    skips these Python kernels on calls that need no gradient."""
+    return {
         "dispatch": (_dispatch_backward, _dispatch_setup),
         "cached_dispatch": (_cached_dispatch_backward, _cached_dispatch_setup),
         "combine": (_combine_backward, _combine_setup),
@@ -240,8 +242,12 @@ def _register():
         "low_latency_dispatch": (_low_latency_dispatch_backward, _low_latency_dispatch_setup),
         "low_latency_combine": (_low_latency_combine_backward, _low_latency_combine_setup),
     }
-    for name, (backward, setup_context) in formulas.items():
+
+
+def _register():
+    for name, (backward, setup_context) in _formulas().items():
         torch.library.register_autograd(f"ep_ops::{name}", backward, setup_context=setup_context)
 
 
 _register()
+DIFFERENTIABLE_OPS = tuple(_formulas())

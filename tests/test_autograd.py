@@ -242,3 +242,56 @@ def test_zero_rows_with_unaligned_wire_rows():
 
 def test_zero_rows_outputs_do_not_alias():
     assert parallel_launch(1, aliasing_zero_rows_worker, timeout=60) == [True]
+
+
+def test_fast_path_covers_exactly_the_differentiable_ops():
+    """csrc/autograd_fast_path.cpp registers a kernel on AutogradCPU/AutogradCUDA for each op with
+    a Python formula, so calls that need no gradient skip the Python autograd kernel; an op it
+    missed would still work, only slower, so the lists are compared here."""
+    from ep_ops.autograd import DIFFERENTIABLE_OPS
+
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    names = {
+        schema.name.split("::")[1]
+        for schema in torch._C._jit_get_all_schemas()
+        if schema.name.startswith("ep_ops::")
+    }
+    for name in sorted(names):
+        for key in ("AutogradCPU", "AutogradCUDA"):
+            assert has_kernel(f"ep_ops::{name}", key) == (name in DIFFERENTIABLE_OPS), (name, key)
+    assert set(DIFFERENTIABLE_OPS) <= names
+
+
+def _python_autograd_kernel_calls(rank, world_size, group_name):
+    """How often torch's Python autograd kernel ran for a cached_dispatch without gradients, and
+    for one with them: it asks torch._C._any_requires_grad first on every call it gets."""
+    import torch._library.autograd as python_autograd
+
+    import ep_ops  # noqa: F401  (loads the ops)
+
+    ops = torch.ops.ep_ops
+    x, idx = torch.randn(4, 8), torch.tensor([[0], [1], [0], [1]])
+    _, _, mask = ops.get_dispatch_layout(idx, 2, 1)
+    out = ops.dispatch(x, None, idx, None, mask, 2, 1, 0, group_name)
+    calls = []
+    real = python_autograd._C._any_requires_grad
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    python_autograd._C._any_requires_grad = counting
+    try:
+        ops.cached_dispatch(x, None, mask, out[5], out[6], group_name)
+        without_grad = len(calls)
+        ops.cached_dispatch(x.requires_grad_(), None, mask, out[5], out[6], group_name)[0].sum().backward()
+        with_grad = len(calls) - without_grad
+    finally:
+        python_autograd._C._any_requires_grad = real
+    return without_grad, with_grad, x.grad is not None
+
+
+def test_no_grad_call_skips_the_python_autograd_kernel():
+    without_grad, with_grad, got_grad = parallel_launch(1, _python_autograd_kernel_calls, timeout=60)[0]
+    assert without_grad == 0, "a call without gradients went through the Python autograd kernel"
+    assert with_grad > 0 and got_grad, "a call with gradients must use the Python formula"
