@@ -113,6 +113,7 @@ def parallel_launch(
     backend: str = "gloo",
     device: str = "cpu",
     pg_timeout: float | None = None,
+    failure_grace: float = FAILURE_GRACE_S,
 ) -> list:
     """Runs ``worker(rank, world_size, group_name, *args)`` on ``world_size`` spawned processes.
 
@@ -128,6 +129,8 @@ def parallel_launch(
         pg_timeout: seconds a collective may wait for its peers before the process group raises
             (``init_process_group(timeout=...)``); default ``timeout``. A short one lets a test
             see a late or dead peer end in an error on the survivors, inside a longer launch.
+        failure_grace: seconds the other ranks get to report once a rank has failed (default
+            FAILURE_GRACE_S); a test whose survivors raise only after a timeout needs longer.
     Returns:
         The workers' return values (picklable), as a list ordered by rank.
     Raises:
@@ -179,7 +182,7 @@ def parallel_launch(
 
     results, failures = {}, {}
     try:
-        results, failures = _collect(procs, conns, time.monotonic() + timeout)
+        results, failures = _collect(procs, conns, time.monotonic() + timeout, failure_grace)
     finally:
         # Ranks that reported success are only tearing their group down: give them a moment.
         done = not failures and len(results) == world_size
@@ -201,7 +204,7 @@ def parallel_launch(
     return [results[rank] for rank in range(world_size)]
 
 
-def _collect(procs, conns, deadline):
+def _collect(procs, conns, deadline, failure_grace):
     """Waits for every rank's outcome until ``deadline`` (or a grace period after a failure).
 
     Returns ``(results, failures)``: rank -> return value, rank -> traceback text (in the order
@@ -237,7 +240,7 @@ def _collect(procs, conns, deadline):
                 else:
                     failures[rank] = payload
         if failures and pending:
-            deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+            deadline = min(deadline, time.monotonic() + failure_grace)
     for rank in pending:
         if failures:
             failures[rank] = "still running after a peer failed; stopped\n"
