@@ -222,8 +222,7 @@ bool stream_capturing(cudaStream_t stream) {
 
 // Whether notify has stamped the area with `request`; if so, its totals may be read.
 bool totals_posted(DispatchTotals* area, uint64_t request) {
-  // A volatile read (the device writes the word through the mapping; C++17 has no atomic_ref).
-  if (*static_cast<volatile uint64_t*>(&area->sequence) != request) {
+  if (std::atomic_ref<uint64_t>(area->sequence).load(std::memory_order_relaxed) != request) {
     return false;
   }
   std::atomic_thread_fence(std::memory_order_acquire);  // notify wrote the totals first
