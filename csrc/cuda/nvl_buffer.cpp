@@ -5,29 +5,28 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/symm_mem/SymmetricMemory.hpp>
 
-#include <atomic>
 #include <cmath>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <new>
 
 namespace ep_ops::cuda {
 namespace {
 
-// The buffer's mapped host area (the watchdog's record, exact dispatch's totals), zeroed.
+// The watchdog's record: pinned host memory the device writes through its mapping.
 // cudaFreeHost waits for the device, so no kernel still writes it when it goes.
-std::shared_ptr<MappedHostArea> make_mapped_host_area() {
+std::shared_ptr<WaitFailure> make_wait_failure_record() {
   void* host = nullptr;
-  C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(MappedHostArea), cudaHostAllocMapped | cudaHostAllocPortable));
-  return std::shared_ptr<MappedHostArea>(new (host) MappedHostArea{},
-                                         [](MappedHostArea* p) { cudaFreeHost(p); });
+  C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(WaitFailure), cudaHostAllocMapped | cudaHostAllocPortable));
+  *static_cast<WaitFailure*>(host) = WaitFailure{};
+  return std::shared_ptr<WaitFailure>(static_cast<WaitFailure*>(host),
+                                      [](WaitFailure* p) { cudaFreeHost(p); });
 }
 
 struct Entry {
   at::Tensor local;  // keeps the allocation alive while registered
   c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> handle;
-  std::shared_ptr<MappedHostArea> mapped;  // pinned host memory the kernels write
+  std::shared_ptr<WaitFailure> wait_failure;
   PeerView view;
   int next_slab[4] = {0, 0, 0, 0};  // low-latency buffer: per phase, the slab of the next call
 };
@@ -69,17 +68,17 @@ at::Tensor init_nvl_buffer(const at::Tensor& device_hint, const std::string& gro
   view.num_ranks = num_ranks;
   view.region_bytes = (num_bytes - kControlBytes) / 2 / 16 * 16;
   view.num_bytes = num_bytes;
-  auto mapped = make_mapped_host_area();
-  void* mapped_on_device = nullptr;
-  C10_CUDA_CHECK(cudaHostGetDevicePointer(&mapped_on_device, mapped.get(), 0));
+  auto wait_failure = make_wait_failure_record();
+  void* record_on_device = nullptr;
+  C10_CUDA_CHECK(cudaHostGetDevicePointer(&record_on_device, wait_failure.get(), 0));
   view.watchdog.tripped = reinterpret_cast<uint32_t*>(view.base[view.rank] + kControlBytes -
                                                       kTrippedOffsetFromControlEnd);
-  view.watchdog.record = &static_cast<MappedHostArea*>(mapped_on_device)->wait_failure;  // offset 0
-  view.watchdog.host_record = &mapped->wait_failure;
+  view.watchdog.record = static_cast<WaitFailure*>(record_on_device);
+  view.watchdog.host_record = wait_failure.get();
   view.watchdog.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
 
   std::lock_guard<std::mutex> lock(registry_mutex);
-  registry()[Key{group_name, low_latency}] = Entry{local, handle, mapped, view};
+  registry()[Key{group_name, low_latency}] = Entry{local, handle, wait_failure, view};
   return local;
 }
 
@@ -100,19 +99,6 @@ void check_watchdog(const PeerView& v, const char* op) {
               " s. The outputs of that call and of every call on the buffer since are invalid. Has rank ",
               peer, " died, or is it not making the same ep_ops calls? Destroy the Buffer on every ",
               "rank; go on only with a new process group and a new Buffer.");
-}
-
-void record_host_wait_failure(const PeerView& v, WaitPhase phase, uint64_t target,
-                              uint64_t waited_ns) {
-  volatile WaitFailure* record = v.watchdog.host_record;
-  if (record->failed != 0) return;
-  record->rank = v.rank;
-  record->peer = v.rank;
-  record->phase = phase;
-  record->target = target;
-  record->waited_ns = waited_ns;
-  std::atomic_thread_fence(std::memory_order_release);  // the fields before `failed`, as on the device
-  record->failed = 1;
 }
 
 std::optional<PeerView> find_nvl_buffer(const std::string& group_name) {

@@ -11,11 +11,9 @@
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>  // __host__ __device__ for PeerView
 
-#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
-#include <type_traits>
 
 #include "nvl_watchdog.h"
 
@@ -45,32 +43,6 @@ struct Control {
 };
 static_assert(sizeof(Control) <= kControlBytes - kTrippedOffsetFromControlEnd);
 
-// Exact dispatch's per-rank totals for the host (nvl_dispatch.cu): notify_kernel writes totals[0, R)
-// through the mapping, then `sequence` = the request number the host passed it; the host spins on
-// `sequence` instead of copying a device tensor. One per buffer suffices: an exact dispatch waits
-// for its own notify before it returns, and a buffer serves one stream at a time.
-struct DispatchTotals {
-  int32_t totals[kMaxNvlRanks];
-  uint64_t sequence;      // written by the device, after the totals
-  uint64_t last_request;  // host only: the request number of the latest exact dispatch
-};
-
-// The buffer's pinned host memory, mapped into the device: allocated with the buffer, freed with
-// it. The watchdog's record comes first, so PeerView's two record pointers (host and device
-// address) locate the rest too and the kernels' arguments keep their size.
-struct MappedHostArea {
-  WaitFailure wait_failure;
-  alignas(64) DispatchTotals dispatch_totals;  // a cache line of its own: the host polls it
-};
-static_assert(std::is_standard_layout_v<MappedHostArea>);
-
-// The dispatch totals of the area whose watchdog record is at `record` (host or device address;
-// address arithmetic only, nothing is read).
-inline DispatchTotals* dispatch_totals_of(WaitFailure* record) {
-  return reinterpret_cast<DispatchTotals*>(reinterpret_cast<char*>(record) +
-                                           offsetof(MappedHostArea, dispatch_totals));
-}
-
 // Device-side view handed to kernels by value.
 struct PeerView {
   uint8_t* base[kMaxNvlRanks];  // every rank's buffer, mapped into this process
@@ -98,12 +70,6 @@ void release_nvl_buffer(const at::Tensor& device_hint, const std::string& group_
 // Throws (naming `op`, the ranks and the phase) when a wait on the buffer of `v` timed out in an
 // earlier call: the buffer is unusable from then on. Reads pinned memory, no sync.
 void check_watchdog(const PeerView& v, const char* op);
-
-// Records in the watchdog's host record a wait that the host gave up on (exact dispatch waiting
-// for its own notify kernel), unless a device wait was recorded first, so that every later op on
-// the buffer raises in check_watchdog. The device's trip word stays clear.
-void record_host_wait_failure(const PeerView& v, WaitPhase phase, uint64_t target,
-                              uint64_t waited_ns);
 
 // The registered view of the group's normal buffer, if any.
 std::optional<PeerView> find_nvl_buffer(const std::string& group_name);

@@ -10,17 +10,6 @@
 //           consumed.
 // Epochs and counters live in the buffer, so a captured graph replays correctly.
 //
-// Exact mode (no num_worst_tokens, no handle) sizes its outputs on the host, between notify and
-// send: the GPU idles from notify's end until the send is launched. To shorten that gap the
-// host does not copy the totals (a pageable device-to-host copy plus a stream sync, then the
-// wake-up): notify writes them with volatile stores into the buffer's mapped pinned host area
-// (nvl_buffer.h, DispatchTotals), then, after a system-scope fence, a release store of the
-// request number the host passed it (a count kept in the area, one per exact call: no epoch
-// bookkeeping); the host spins on that word (tightly for 10 us, then yielding), fences (acquire)
-// and reads the totals, as DeepEP does. The spin reads the watchdog's record (a wait of notify gave up: raise), polls the stream every millisecond (a CUDA
-// error: raise it; drained without the stamp: raise) and gives up after twice the buffer's
-// timeout plus a second. Worst-token mode and cached dispatch never wait on the host.
-//
 // Two shapes of send + recv, with the same outputs bit for bit (nvl_dispatch_rows.cuh has the
 // per-row code both use):
 //   overlapped (default; nvl_dispatch_overlap.cu): ONE kernel of S send blocks + Q receive
@@ -53,22 +42,10 @@
 // (1..256, default 64) size the overlapped kernel for tuning; a pair the device cannot hold at
 // once falls back to the separate kernels. E.g.
 //   EP_OPS_NVL_OVERLAP=0 python3 -m ep_ops.bench --ranks 2   vs   python3 -m ep_ops.bench --ranks 2
-// EP_OPS_NVL_HOST_TOTALS=copy (read at every call; "mapped", the default, or "copy") makes exact
-// mode's host copy the totals from a device tensor instead (totals.cpu(): the path before the
-// mapped area), to A/B the two in one build:
-//   EP_OPS_NVL_HOST_TOTALS=copy python3 -m ep_ops.bench --ranks 2   vs   python3 -m ep_ops.bench --ranks 2
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include <algorithm>
-#include <array>
-#include <atomic>
-#include <chrono>
-#include <cstdlib>
-#include <string_view>
-#include <thread>
 
 #include "nvl_buffer.h"
 #include "nvl_dispatch.h"
@@ -89,8 +66,7 @@ constexpr int kWarps = kThreads / 32;
 
 __global__ void __launch_bounds__(kScanThreads) notify_kernel(
     PeerView v, const bool* in_rank, int num_tokens, const int32_t* given_prefix,
-    int32_t* prefix_out, int32_t* totals_out, uint64_t* sequence_out, uint64_t request,
-    int32_t* positions, int32_t* own_tokens) {
+    int32_t* prefix_out, int32_t* totals_out, int32_t* positions, int32_t* own_tokens) {
   __shared__ int32_t counts[kMaxNvlRanks];
   __shared__ uint64_t epoch;
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x;
@@ -127,20 +103,13 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
         running += *reinterpret_cast<volatile int32_t*>(&mine->counts[i][tid]);
         prefix_out[i * R + tid] = running;
       }
-      // volatile: in exact mode totals_out is the mapped host area, which the host polls
-      *reinterpret_cast<volatile int32_t*>(&totals_out[tid]) = running;
+      totals_out[tid] = running;
     }
   } else if (tid < R) {  // cached dispatch: the handle's prefix matrix has the counts
     totals_out[tid] = given_prefix[(R - 1) * R + tid];
   }
   __syncthreads();
-  if (tid == 0) {
-    mine->dispatch_epoch = cur;
-    if (sequence_out != nullptr) {  // exact mode: tell the host its totals are there
-      fence_system();  // the block's totals (seen through the barrier) before the sequence word
-      store_release(sequence_out, request);
-    }
-  }
+  if (tid == 0) mine->dispatch_epoch = cur;
 }
 
 // A dispatch that stops after notify (a capacity error seen by every rank alike) still closes
@@ -205,77 +174,6 @@ const uint8_t* bytes_of(const std::optional<at::Tensor>& t) {
   return t.has_value() ? static_cast<const uint8_t*>(t->data_ptr()) : nullptr;
 }
 
-// EP_OPS_NVL_HOST_TOTALS, read at every call: "mapped" (the default) or "copy" (see the top).
-bool host_totals_by_copy() {
-  const char* mode = std::getenv("EP_OPS_NVL_HOST_TOTALS");
-  if (mode == nullptr || *mode == '\0' || std::string_view(mode) == "mapped") return false;
-  TORCH_CHECK_VALUE(std::string_view(mode) == "copy",
-                    "ep_ops: EP_OPS_NVL_HOST_TOTALS must be mapped or copy, got ", mode);
-  return true;
-}
-
-bool stream_capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  return status != cudaStreamCaptureStatusNone;
-}
-
-// Whether notify has stamped the area with `request`; if so, its totals may be read.
-bool totals_posted(DispatchTotals* area, uint64_t request) {
-  if (std::atomic_ref<uint64_t>(area->sequence).load(std::memory_order_relaxed) != request) {
-    return false;
-  }
-  std::atomic_thread_fence(std::memory_order_acquire);  // notify wrote the totals first
-  return true;
-}
-
-constexpr auto kTightSpin = std::chrono::microseconds(10);        // then yield between polls
-constexpr auto kStreamQueryEvery = std::chrono::milliseconds(1);  // after the tight spin
-
-// Exact mode: waits until notify has stamped the mapped area with `request`, then copies the R
-// totals to `out`. Never hangs: raises when a wait of notify gave up (it posts nothing then; the
-// watchdog's record says so), when the stream reports a CUDA error (what the copy would have
-// raised), and after twice the buffer's timeout plus a second: notify's two waits may each take
-// up to the timeout before the device reports a lost peer, an error that names the peer.
-void wait_for_totals(const PeerView& v, DispatchTotals* area, uint64_t request,
-                     cudaStream_t stream, int32_t* out) {
-  using Clock = std::chrono::steady_clock;
-  const auto start = Clock::now();
-  const auto limit = 2 * std::chrono::nanoseconds(v.watchdog.timeout_ns) + std::chrono::seconds(1);
-  auto next_query = start + kTightSpin + kStreamQueryEvery;
-  while (!totals_posted(area, request)) {
-    check_watchdog(v, "dispatch");  // a peer that never posted its counts: raise in this call
-    const auto now = Clock::now();
-    if (now - start < kTightSpin) continue;
-    if (now >= next_query) {
-      next_query = now + kStreamQueryEvery;
-      const cudaError_t status = cudaStreamQuery(stream);
-      if (status != cudaErrorNotReady) {
-        C10_CUDA_CHECK(status);  // a kernel on the stream faulted
-        // The stream is drained: notify ended, and it posts before it ends unless a wait gave up.
-        if (totals_posted(area, request)) break;
-        check_watchdog(v, "dispatch");
-        TORCH_CHECK(false, "ep_ops.dispatch: internal error: rank ", v.rank,
-                    "'s notify kernel ended without posting the token counts (request ", request, ")");
-      }
-    }
-    if (now - start > limit) {
-      const auto waited = std::chrono::duration_cast<std::chrono::nanoseconds>(now - start).count();
-      record_host_wait_failure(v, kWaitDispatchHostTotals, request, waited);
-      TORCH_CHECK(false, "ep_ops.dispatch: rank ", v.rank, " waited ", waited * 1e-9,
-                  " s on the host for dispatch: the token counts (request ", request,
-                  ") and gave up: its notify kernel had not posted them, yet no wait of the kernels "
-                  "timed out (timeout ", v.watchdog.timeout_ns * 1e-9, " s) and the stream reported no "
-                  "error. Is an earlier kernel on the stream stuck? The group's NVLink buffer is "
-                  "unusable from now on: destroy the Buffer on every rank; go on only with a new "
-                  "process group and a new Buffer.");
-    }
-    std::this_thread::yield();
-  }
-  const volatile int32_t* totals = area->totals;
-  for (int r = 0; r < v.num_ranks; ++r) out[r] = totals[r];
-}
-
 }  // namespace
 
 bool nvl_dispatch_supported(const at::Tensor& x, const std::optional<at::Tensor>& topk_idx,
@@ -309,21 +207,10 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                     " experts per rank on NVLink, got ", per_rank);
   const DispatchOverlapConfig overlap = dispatch_overlap_config();
 
-  // notify. Exact mode's host reads the totals (the one host sync of exact mode): by default
-  // notify writes them into the buffer's mapped host area and then stamps it with this call's
-  // request number, which the host spins on; with EP_OPS_NVL_HOST_TOTALS=copy, or under graph
-  // capture (where the copy fails, as it always has: exact mode cannot be captured), they are
-  // copied from a device tensor. The buffer has one area: a buffer serves one stream at a time,
-  // and this call waits for its own notify before it returns, so no two exact calls share it.
-  const bool exact = given_rows < 0 && num_worst_tokens == 0;
-  DispatchTotals* host_area = exact && !host_totals_by_copy() && !stream_capturing(stream)
-                                  ? dispatch_totals_of(v.watchdog.host_record)
-                                  : nullptr;
-  const uint64_t request = host_area != nullptr ? ++host_area->last_request : 0;
-  DispatchTotals* device_area = dispatch_totals_of(v.watchdog.record);  // the same, device address
+  // notify
   auto prefix = given_prefix.has_value() ? given_prefix->contiguous()
                                          : at::empty({R, R}, int_options);
-  auto totals = at::empty({host_area != nullptr ? 0 : R}, int_options);
+  auto totals = at::empty({R}, int_options);
   auto positions = at::empty({num_tokens, R}, int_options);
   // The overlapped kernel copies our rows to ourselves from x (not through our own buffer): it
   // needs the token of each of those rows. Not with routing_only: dispatch_permuted's copy reads
@@ -333,24 +220,17 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   notify_kernel<<<1, kScanThreads, 0, stream>>>(
       v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
       given_prefix.has_value() ? prefix.data_ptr<int32_t>() : nullptr,
-      given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(),
-      host_area != nullptr ? device_area->totals : totals.data_ptr<int32_t>(),
-      host_area != nullptr ? &device_area->sequence : nullptr, request,
+      given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(), totals.data_ptr<int32_t>(),
       positions.data_ptr<int32_t>(), self_direct ? own_tokens.data_ptr<int32_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Output rows: exact mode reads the totals; worst-token mode and cached dispatch know them
-  // already. Every rank sees every total, so all fail alike.
+  // Output rows: exact mode reads the totals (the host sync of exact mode); worst-token mode and
+  // cached dispatch know them already. Every rank sees every total, so all fail alike.
   int64_t num_rows = given_rows >= 0 ? given_rows : num_worst_tokens;
-  if (exact) {
-    std::array<int32_t, kMaxNvlRanks> t{};
-    if (host_area != nullptr) {
-      wait_for_totals(v, host_area, request, stream, t.data());
-    } else {
-      auto host_totals = totals.cpu();
-      std::copy_n(host_totals.data_ptr<int32_t>(), R, t.begin());
-    }
+  if (given_rows < 0 && num_worst_tokens == 0) {
+    auto host_totals = totals.cpu();
     check_watchdog(v, "dispatch");  // a peer that never posted its counts: raise in this call
+    const int32_t* t = host_totals.data_ptr<int32_t>();
     int64_t most = 0;
     for (int r = 0; r < R; ++r) most = std::max<int64_t>(most, t[r]);
     if (most > capacity_rows) {

@@ -4,11 +4,9 @@
 //     that buffer reads and gives up on at once, so the kernels of this call and of any later
 //     call or graph replay stop without touching data instead of hanging or trapping;
 //   - a record in pinned host memory mapped into the device (`WaitFailure`), which the host
-//     reads without a sync at the start of every op on the buffer (and while exact dispatch
-//     waits for its totals) and turns into a Python error naming the rank, the peer and the phase.
-// A tripped buffer stays tripped: its counters are out of step with the peers'. The host records
-// one wait of its own there (kWaitDispatchHostTotals: exact dispatch gave up waiting for its
-// notify kernel), so that later ops raise too; the device word stays clear then.
+//     reads without a sync at the start of every op on the buffer (and after exact dispatch's
+//     sync) and turns into a Python error naming the rank, the peer and the phase.
+// A tripped buffer stays tripped: its counters are out of step with the peers'.
 #pragma once
 
 #include <cuda_runtime.h>  // __host__ __device__
@@ -31,7 +29,6 @@ enum WaitPhase : int32_t {
   kWaitLowLatencyPartialsFreed,
   kWaitLowLatencyPartials,
   kWaitLowLatencyAllFreed,
-  kWaitDispatchHostTotals,  // the host, not a kernel: exact dispatch waiting for its notify kernel
 };
 
 __host__ __device__ inline const char* wait_phase_name(int32_t phase) {
@@ -48,13 +45,11 @@ __host__ __device__ inline const char* wait_phase_name(int32_t phase) {
     case kWaitLowLatencyPartialsFreed: return "low-latency combine: the peer reading our previous partial sums";
     case kWaitLowLatencyPartials: return "low-latency combine: the peer's partial sums";
     case kWaitLowLatencyAllFreed: return "low-latency: the peer reading everything we sent (sizes changed)";
-    case kWaitDispatchHostTotals: return "dispatch: the token counts from this rank's notify kernel, waited for on the host";
     default: return "an unknown phase";
   }
 }
 
-// Written once by the device (or by the host, record_host_wait_failure), read by the host;
-// `failed` is written last. The first member of the buffer's MappedHostArea (nvl_buffer.h).
+// Written once by the device, read by the host; `failed` is written last.
 struct WaitFailure {
   int32_t failed;
   int32_t rank, peer, phase;
