@@ -10,18 +10,14 @@ import time
 
 import torch
 import torch.distributed as dist
+from profile_nvl import reference_workload  # this folder is on sys.path when run as a script
 
 from ep_ops.launch import parallel_launch
-from ep_ops.nvl import init_nvl_buffer, nvl_bytes_needed
 
 
-def worker(rank, world_size, group_name, tokens=4096, hidden=7168, topk=8, experts=256, iters=50):
+def worker(rank, world_size, group_name, tokens=4096, experts=256, iters=50):
     ops = torch.ops.ep_ops
-    buffer = init_nvl_buffer(dist.group.WORLD, nvl_bytes_needed(tokens * world_size, 2 * hidden, topk))
-    gen = torch.Generator(device="cuda").manual_seed(rank)
-    x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
-    topk_idx = torch.rand(tokens, experts, device="cuda", generator=gen).topk(topk, dim=1).indices
-    weights = torch.rand(tokens, topk, device="cuda", generator=gen)
+    buffer, x, topk_idx, weights = reference_workload(rank, world_size, tokens=tokens, experts=experts)
     _, _, in_rank = ops.get_dispatch_layout(topk_idx, experts, world_size)
     out = ops.dispatch(x, None, topk_idx, weights, in_rank, experts, 1, 0, group_name)
     calls = {

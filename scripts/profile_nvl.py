@@ -10,13 +10,20 @@ from ep_ops.launch import parallel_launch
 from ep_ops.nvl import init_nvl_buffer, nvl_bytes_needed
 
 
-def worker(rank, world_size, group_name, tokens=4096, hidden=7168, topk=8, experts=256):
-    ops = torch.ops.ep_ops
+def reference_workload(rank, world_size, tokens=4096, hidden=7168, topk=8, experts=256):
+    """An NVLink buffer for the reference workload (HARDWARE.md) and this rank's inputs:
+    (buffer, x [tokens, hidden] bf16, topk_idx, topk_weights), random routing."""
     buffer = init_nvl_buffer(dist.group.WORLD, nvl_bytes_needed(tokens * world_size, 2 * hidden, topk))
     gen = torch.Generator(device="cuda").manual_seed(rank)
     x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
     topk_idx = torch.rand(tokens, experts, device="cuda", generator=gen).topk(topk, dim=1).indices
     weights = torch.rand(tokens, topk, device="cuda", generator=gen)
+    return buffer, x, topk_idx, weights
+
+
+def worker(rank, world_size, group_name, experts=256):
+    ops = torch.ops.ep_ops
+    buffer, x, topk_idx, weights = reference_workload(rank, world_size, experts=experts)
 
     def step():
         _, _, in_rank = ops.get_dispatch_layout(topk_idx, experts, world_size)

@@ -17,12 +17,11 @@ write what they saw to files, since a dead rank fails the launch itself.
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from gpu_ranks import GPU_RANKS, needs_gpu_ranks
+from gpu_ranks import GPU_RANKS, needs_gpu_ranks, store_barrier, write_outcome
 
 from ep_ops.launch import parallel_launch
 
@@ -41,14 +40,6 @@ def _inputs(rank: int, num_ranks: int, device):
     topk_idx = torch.rand(NUM_MAX, num_experts, generator=gen).argsort(dim=1)[:, :NUM_TOPK].contiguous()
     weights = torch.rand(topk_idx.shape, generator=gen)
     return x.to(device), topk_idx.to(device), weights.to(device), num_experts
-
-
-def _store_barrier(name: str, num_ranks: int) -> None:
-    """Every rank got here: through the process group's TCP store (no GPU work, no NCCL)."""
-    store = dist.distributed_c10d._get_default_store()
-    store.add(name, 1)
-    while int(store.add(name, 0)) < num_ranks:
-        time.sleep(0.01)
 
 
 def _buffer(num_ranks: int, num_experts: int):
@@ -100,7 +91,7 @@ def _scenario(name: str, rank: int, num_ranks: int, late: bool) -> dict:
             low_latency_round_trip()
         graph.replay()
     torch.cuda.synchronize()
-    _store_barrier(f"{name} ready", num_ranks)
+    store_barrier(f"{name} ready", num_ranks)
 
     seen = {}
     if not late:
@@ -133,11 +124,11 @@ def _scenario(name: str, rank: int, num_ranks: int, late: bool) -> dict:
             seen["next_call_error"] = str(error)
         seen["next_call_after_s"] = time.monotonic() - start
         seen["context_usable"] = torch.ones(4, device=device).sum().item() == 4.0
-    _store_barrier(f"{name} reported", num_ranks)
+    store_barrier(f"{name} reported", num_ranks)
     del graph
     buffer.destroy()
     torch.cuda.synchronize()
-    _store_barrier(f"{name} destroyed", num_ranks)
+    store_barrier(f"{name} destroyed", num_ranks)
     return seen
 
 
@@ -183,7 +174,7 @@ def crashed_peer_worker(rank: int, num_ranks: int, group_name: str, out_dir: str
     buffer = _buffer(num_ranks, num_experts)
     _low_latency_round_trip(buffer, x, topk_idx, weights, num_experts)
     torch.cuda.synchronize()
-    _store_barrier("crash: round trip done", num_ranks)
+    store_barrier("crash: round trip done", num_ranks)
     if rank == num_ranks - 1:
         os._exit(1)  # no exception, no goodbye: like a crash
     start = time.monotonic()
@@ -195,9 +186,7 @@ def crashed_peer_worker(rank: int, num_ranks: int, group_name: str, out_dir: str
     except RuntimeError as error:
         outcome["error"] = str(error)
     outcome["error_after_s"] = time.monotonic() - start
-    path = Path(out_dir) / f"rank{rank}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(outcome))
-    path.with_suffix(".tmp").rename(path)
+    write_outcome(out_dir, rank, outcome)
     return "survived"
 
 

@@ -11,12 +11,10 @@ over gloo on CPU (EP_OPS_HEADER_EXCHANGE=all_to_all).
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from gpu_ranks import GPU_RANKS, needs_gpu_ranks
+from gpu_ranks import GPU_RANKS, needs_gpu_ranks, store_barrier, write_outcome
 
 from ep_ops.launch import parallel_launch
 
@@ -41,15 +39,6 @@ def _dispatch_call(rank: int, num_ranks: int, group_name: str):
     return lambda: ops.dispatch(x, None, topk_idx, weights, mask, num_experts, 1, 0, group_name)
 
 
-def _store_count(name: str, at_least: int) -> None:
-    """Adds one to counter `name` on the launch's store and waits until it reaches at_least
-    (no GPU work, no NCCL)."""
-    store = dist.distributed_c10d._get_default_store()
-    store.add(name, 1)
-    while int(store.add(name, 0)) < at_least:
-        time.sleep(0.01)
-
-
 def _timed(call) -> dict:
     start = time.monotonic()
     seen = {}
@@ -72,9 +61,9 @@ def late_peer_worker(rank: int, num_ranks: int, group_name: str) -> dict:
     dispatch = _dispatch_call(rank, num_ranks, group_name)
     dispatch()
     torch.cuda.synchronize()
-    _store_count("nccl late: ready", num_ranks)
+    store_barrier("nccl late: ready", num_ranks)
     seen = {} if rank == num_ranks - 1 else _timed(dispatch)
-    _store_count("nccl late: reported", num_ranks)
+    store_barrier("nccl late: reported", num_ranks)
     return seen
 
 
@@ -103,13 +92,11 @@ def dead_peer_worker(rank: int, num_ranks: int, group_name: str, out_dir: str) -
     dispatch = _dispatch_call(rank, num_ranks, group_name)
     dispatch()
     torch.cuda.synchronize()
-    _store_count("nccl dead: ready", num_ranks)
+    store_barrier("nccl dead: ready", num_ranks)
     if rank == num_ranks - 1:
         os._exit(1)  # no exception, no goodbye: like a crash
     seen = _timed(dispatch)
-    path = Path(out_dir) / f"rank{rank}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(seen))
-    path.with_suffix(".tmp").rename(path)
+    write_outcome(out_dir, rank, seen)
     return "survived"
 
 
