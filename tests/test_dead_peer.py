@@ -224,3 +224,23 @@ def test_watched_exchange_dead_peer(tmp_path, monkeypatch):
     names_peer_and_phase(outcomes, "dispatch")
     assert "lost rank 1 in the header exchange" in outcomes[0]["message"], outcomes[0]["message"]
     assert "has rank 1 died?" in outcomes[0]["message"], outcomes[0]["message"]
+
+
+def slow_peer_worker(rank, num_ranks, group_name):
+    """Rank 1 comes 1.5 s late to a dispatch: rank 0 checks in at the store after 0.5 s, the
+    exchange then completes on both, and rank 0 takes its check-in back."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    ops = _ops(group_name, num_ranks, rank, via_buffer=False)
+    ops["dispatch"]()  # exchange 0 (the Buffer built in _ops makes no exchange on CPU)
+    if rank == LATE:
+        time.sleep(1.5)
+    ops["dispatch"]()  # exchange 1
+    store = _get_default_store()  # WORLD's store: the one the check-ins go to
+    return [store.check([f"ep_ops/header_exchange/{n}/rank{r}"]) for n in range(3) for r in range(num_ranks)]
+
+
+def test_watched_exchange_slow_peer_completes_and_leaves_no_key(monkeypatch):
+    monkeypatch.setenv("EP_OPS_HEADER_EXCHANGE", "all_to_all")
+    results = parallel_launch(2, slow_peer_worker, timeout=LAUNCH_TIMEOUT, pg_timeout=10.0)
+    assert results == [[False] * 6, [False] * 6], results

@@ -63,6 +63,15 @@ bool check_in(const Group& group, int64_t number, int64_t me, std::string& note)
   }
 }
 
+// A slow exchange that completed takes its check-in back, so that the store does not collect a
+// key per slow call over a long job.
+void withdraw_check_in(const Group& group, int64_t number, int64_t me) {
+  try {
+    if (auto store = group->getStore()) store->deleteKey(check_in_key(number, me));
+  } catch (const std::exception&) {  // a key left behind costs a few bytes
+  }
+}
+
 // The peers that have not checked in under `number`, polled for up to `grace` until every peer
 // has; every peer when the store cannot be read (`note` says so).
 std::vector<int64_t> absent_peers(const Group& group, int64_t number, int64_t me, Millis grace,
@@ -198,6 +207,7 @@ at::Tensor watched_all_to_all_rows(const Group& group, const char* op, const at:
   }
   if (timed_out) raise_timed_out(group, op, number, me, Clock::now() - start, timeout, note);
   if (!failure.empty()) raise_failed(group, op, number, me, failure);
+  if (tried_check_in) withdraw_check_in(group, number, me);
   return recv.cpu();
 }
 

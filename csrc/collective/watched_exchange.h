@@ -14,8 +14,8 @@ namespace ep_ops::collective {
 // reached this exchange, aborts the group's communicators (the pending all-to-all would hold
 // the GPU and later wake the watchdog) and raises. Which ranks are absent comes from the
 // group's store: a rank that has waited kCheckInAfter writes "I am here" under this exchange's
-// number (every rank makes the same ep_ops calls on a group, so the numbers agree). Healthy
-// calls never touch the store.
+// number (every rank makes the same ep_ops calls on a group, so the numbers agree) and takes it
+// back once the exchange completes. Healthy calls never touch the store.
 at::Tensor watched_all_to_all_rows(const Group& group, const char* op, const at::Tensor& row,
                                    const at::Device& device);
 
