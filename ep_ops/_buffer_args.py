@@ -9,11 +9,20 @@ def _check_tensor(t, name: str, method: str, dtype=None, shape=None) -> None:
         raise TypeError(f"{method}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{method}: {name} must be {dtype}, got {t.dtype}")
-    if shape is not None and (
-        t.dim() != len(shape) or any(s is not None and t.size(i) != s for i, s in enumerate(shape))
-    ):
+    if shape is not None and not _shape_matches(t.shape, shape):
         expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{method}: {name} must have shape {expected}, got {list(t.shape)}")
+
+
+def _shape_matches(actual, expected) -> bool:
+    """``actual`` (a torch.Size) has ``expected``'s rank and sizes, None matching any size. A
+    plain loop: this runs several times in every Buffer call."""
+    if len(actual) != len(expected):
+        return False
+    for size, want in zip(actual, expected, strict=True):
+        if want is not None and size != want:
+            return False
+    return True
 
 
 def _check_handle_tuple(handle, length: int, expected: str, source: str, method: str) -> tuple:

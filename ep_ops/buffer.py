@@ -17,8 +17,6 @@ tensors), then calls one op; the ops check everything else. Differences from Dee
   collective backend), as in DeepEP.
 """
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 
@@ -155,6 +153,9 @@ class Buffer(LowLatencyMethods):
         self.explicitly_destroy = explicitly_destroy
         self.is_intranode = is_intranode
         self._raw = {}  # "nvl" / "rdma" -> uint8 tensor, allocated by get_local_buffer_tensor
+        # (default config getter, hidden bytes, Buffer.num_sms) -> num_nvl_bytes a call needs: the
+        # check runs on every call, and building and validating a Config costs microseconds.
+        self._nvl_bytes_needed = {}
         self._combine_buffers = [None, None]  # zero-copy low-latency combine inputs, alternating
         self._combine_index = 0
         self._destroyed = False
@@ -365,7 +366,7 @@ class Buffer(LowLatencyMethods):
             self._check_alive()
             x, x_scales = _unpack_x(x, method)
             self._check_device(x, "x", method)
-            self._check_nvl_bytes(self._config(config, Buffer.get_dispatch_config, method), x, method)
+            self._check_nvl_bytes(config, Buffer.get_dispatch_config, x, method)
             if handle is not None:
                 if topk_idx is not None or topk_weights is not None:
                     raise ValueError(
@@ -444,7 +445,7 @@ class Buffer(LowLatencyMethods):
             self._check_device(x, "x", method)
             rank_prefix_matrix, recv_src_idx, is_token_in_rank = _unpack_handle(handle, method)
             bias_0, bias_1 = _unpack_bias(bias, method)
-            self._check_nvl_bytes(self._config(config, Buffer.get_combine_config, method), x, method)
+            self._check_nvl_bytes(config, Buffer.get_combine_config, x, method)
             self._wait(previous_event)
         combined_x, combined_topk_weights = torch.ops.ep_ops.combine(
             x,
@@ -467,8 +468,7 @@ class Buffer(LowLatencyMethods):
 
     # ---------------------------------------------------------------- helpers
 
-    @contextlib.contextmanager
-    def _checks_of(self, op: str):
+    def _checks_of(self, op: str) -> "_RejectOnError":
         """Runs the wrapper's own checks before the communicating op ``op``.
 
         The ops agree on their inputs in a header exchange before moving data, so that a rank with
@@ -477,11 +477,7 @@ class Buffer(LowLatencyMethods):
         So a failing rank still takes part in ``op``'s exchange, with an input the op rejects
         locally (the other ranks then raise "rank r rejected its input"), and raises its own error.
         """
-        try:
-            yield
-        except Exception:
-            self._reject(op)
-            raise
+        return _RejectOnError(self, op)
 
     def _reject(self, op: str) -> None:
         """Calls ``op`` with an input it rejects (a 1-D ``x``): it takes part in the header
@@ -549,9 +545,19 @@ class Buffer(LowLatencyMethods):
             raise TypeError(f"{method}: config must be an ep_ops Config, got {type(config).__name__}")
         return config
 
-    def _check_nvl_bytes(self, config: Config, x: torch.Tensor, method: str) -> None:
+    def _check_nvl_bytes(self, config: Config | None, default, x: torch.Tensor, method: str) -> None:
+        """num_nvl_bytes must hold what ``config`` (None: ``default(group_size)``) asks for x."""
         hidden_bytes = x.size(1) * max(x.element_size(), 2)
-        needed = config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
+        if config is None:
+            key = (default, hidden_bytes, Buffer.num_sms)
+            needed = self._nvl_bytes_needed.get(key)
+            if needed is None:
+                needed = default(self.group_size).get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
+                self._nvl_bytes_needed[key] = needed
+        else:
+            needed = self._config(config, default, method).get_nvl_buffer_size_hint(
+                hidden_bytes, self.group_size
+            )
         if self.num_nvl_bytes < needed:
             raise ValueError(
                 f"{method}: num_nvl_bytes={self.num_nvl_bytes} is too small: this call needs {needed} "
@@ -580,3 +586,22 @@ class Buffer(LowLatencyMethods):
         if kind not in self._raw:
             self._raw[kind] = torch.zeros(num_bytes, dtype=torch.uint8, device=self.device)
         return self._raw[kind]
+
+
+class _RejectOnError:
+    """``Buffer._checks_of``'s context: on an exception, ``buffer._reject(op)``, then the exception
+    goes on. A class rather than ``contextlib.contextmanager``, whose generator costs a few
+    microseconds on every call."""
+
+    __slots__ = ("buffer", "op")
+
+    def __init__(self, buffer: Buffer, op: str):
+        self.buffer, self.op = buffer, op
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        if exc_type is not None and issubclass(exc_type, Exception):
+            self.buffer._reject(self.op)
+        return False
