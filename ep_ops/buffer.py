@@ -156,6 +156,9 @@ class Buffer(LowLatencyMethods):
         # (default config getter, hidden bytes, Buffer.num_sms) -> num_nvl_bytes a call needs: the
         # check runs on every call, and building and validating a Config costs microseconds.
         self._nvl_bytes_needed = {}
+        # (M, hidden, num_experts, num_topk) -> (DeepEP's size hint, num_rdma_bytes needed): the
+        # low-latency calls' size check, likewise on every call.
+        self._ll_bytes_needed = {}
         self._combine_buffers = [None, None]  # zero-copy low-latency combine inputs, alternating
         self._combine_index = 0
         self._destroyed = False

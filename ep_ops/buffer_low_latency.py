@@ -265,8 +265,15 @@ class LowLatencyMethods:
         self, method: str, num_max: int, hidden: int, num_experts: int, num_topk: int
     ) -> int:
         """Checks the low-latency sizes and num_rdma_bytes; returns E_local."""
-        hint = self.get_low_latency_rdma_size_hint(num_max, hidden, self.group_size, num_experts)
-        needed = max(hint, ll_bytes_needed(num_max, hidden, self.group_size, num_topk))
+        key = (num_max, hidden, num_experts, num_topk)
+        sizes = self._ll_bytes_needed.get(key)
+        if sizes is None:
+            hint = self.get_low_latency_rdma_size_hint(num_max, hidden, self.group_size, num_experts)
+            sizes = self._ll_bytes_needed[key] = (
+                hint,
+                max(hint, ll_bytes_needed(num_max, hidden, self.group_size, num_topk)),
+            )
+        hint, needed = sizes
         if self.num_rdma_bytes < needed:
             source = (
                 f"Buffer.get_low_latency_rdma_size_hint({num_max}, {hidden}, {self.group_size}, {num_experts})"
