@@ -50,16 +50,19 @@ Millis group_timeout(const Group& group, const at::Device& device) {
   }
 }
 
-// Writes this rank's check-in; false (and `note` says why) when the store cannot take it.
-bool check_in(const Group& group, int64_t number, int64_t me, std::string& note) {
+// The group's store, where the check-ins go; raises when the group has none.
+c10::intrusive_ptr<c10d::Store> group_store(const Group& group) {
+  auto store = group->getStore();
+  TORCH_CHECK(store, "the process group has no store");
+  return store;
+}
+
+// Writes this rank's check-in; when the store cannot take it, `note` says why.
+void check_in(const Group& group, int64_t number, int64_t me, std::string& note) {
   try {
-    auto store = group->getStore();
-    TORCH_CHECK(store, "the process group has no store");
-    store->set(check_in_key(number, me), std::vector<uint8_t>{'1'});
-    return true;
+    group_store(group)->set(check_in_key(number, me), std::vector<uint8_t>{'1'});
   } catch (const std::exception& e) {
     note = std::string(" (the group's store did not take this rank's check-in: ") + e.what() + ")";
-    return false;
   }
 }
 
@@ -67,7 +70,7 @@ bool check_in(const Group& group, int64_t number, int64_t me, std::string& note)
 // key per slow call over a long job.
 void withdraw_check_in(const Group& group, int64_t number, int64_t me) {
   try {
-    if (auto store = group->getStore()) store->deleteKey(check_in_key(number, me));
+    group_store(group)->deleteKey(check_in_key(number, me));
   } catch (const std::exception&) {  // a key left behind costs a few bytes
   }
 }
@@ -82,8 +85,7 @@ std::vector<int64_t> absent_peers(const Group& group, int64_t number, int64_t me
   for (;;) {
     absent.clear();
     try {
-      auto store = group->getStore();
-      TORCH_CHECK(store, "the process group has no store");
+      auto store = group_store(group);
       for (int64_t peer = 0; peer < num_ranks; ++peer) {
         if (peer != me && !store->check({check_in_key(number, peer)})) absent.push_back(peer);
       }
