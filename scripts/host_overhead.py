@@ -1,54 +1,89 @@
-"""Host time per call of the normal-mode NVLink ops on the reference workload: how long the Python
-call takes to return (perf_counter), with the GPU idle before each call. A GPU timing of a call
-(the benchmark's) includes the host's time until the first kernel starts, and, for an exact-mode
-dispatch, the host's turn-around at its sync; this script shows that part on its own.
+"""What an op call costs beyond its kernels, on the reference workload (HARDWARE.md): each call
+timed on the GPU (CUDA events around the call after a barrier, as the bench times) and on the
+host (perf_counter until it returns), rank 0's median; the raw ops against Buffer's methods, and
+a trivial op (small.add_) as the floor of this way of timing.
 
-python3 scripts/host_overhead.py [--ranks N]: rank 0's median over 50 calls per op, in us."""
+python3 scripts/host_overhead.py (2 GPUs). Results: BENCHMARKS.md, session 7."""
 
-import argparse
+import statistics
 import time
 
 import torch
 import torch.distributed as dist
-from profile_nvl import reference_workload  # this folder is on sys.path when run as a script
 
+from ep_ops import Buffer
 from ep_ops.launch import parallel_launch
 
 
-def worker(rank, world_size, group_name, tokens=4096, experts=256, iters=50):
-    ops = torch.ops.ep_ops
-    buffer, x, topk_idx, weights = reference_workload(rank, world_size, tokens=tokens, experts=experts)
-    _, _, in_rank = ops.get_dispatch_layout(topk_idx, experts, world_size)
-    out = ops.dispatch(x, None, topk_idx, weights, in_rank, experts, 1, 0, group_name)
-    calls = {
-        "layout": lambda: ops.get_dispatch_layout(topk_idx, experts, world_size),
-        "dispatch (exact: includes its sync)": lambda: ops.dispatch(
-            x, None, topk_idx, weights, in_rank, experts, 1, 0, group_name
-        ),
-        "dispatch worst-token": lambda: ops.dispatch(
-            x, None, topk_idx, weights, in_rank, experts, 1, tokens * world_size, group_name
-        ),
-        "cached dispatch": lambda: ops.cached_dispatch(x, None, in_rank, out[5], out[6], group_name),
-        "combine": lambda: ops.combine(out[0], out[3], None, None, in_rank, out[5], out[6], group_name),
-    }
-    rows = []
-    for name, call in calls.items():
-        times = []
-        for _ in range(iters):
-            torch.cuda.synchronize()
-            dist.barrier()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - start) * 1e6)
+def gpu_time(call, iters=30):
+    times = []
+    for _ in range(iters + 3):
         torch.cuda.synchronize()
-        rows.append(f"| {name} | {sorted(times)[len(times) // 2]:.1f} |")
-    del buffer
-    return "\n".join(["| op | host us per call |", "|---|---:|", *rows]) if rank == 0 else None
+        dist.barrier()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        call()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times[3:])
+
+
+def host_time(call, iters=30):
+    times = []
+    for _ in range(iters + 3):
+        torch.cuda.synchronize()
+        dist.barrier()
+        torch.cuda.synchronize()
+        s = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - s) * 1e6)
+    return statistics.median(times[3:])
+
+
+def worker(rank, world_size, group_name, tokens=4096, hidden=7168, topk=8, experts=256):
+    ops = torch.ops.ep_ops
+    group = dist.group.WORLD
+    buffer = Buffer(group, num_nvl_bytes=int(1e9))
+    gen = torch.Generator(device="cuda").manual_seed(rank)
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
+    topk_idx = torch.rand(tokens, experts, device="cuda", generator=gen).topk(topk, dim=1).indices
+    weights = torch.rand(tokens, topk, device="cuda", generator=gen)
+    small = torch.zeros(16, device="cuda")
+    layout_d = ops.get_dispatch_layout.default
+    npr, _, npe, in_rank, _ = buffer.get_dispatch_layout(topk_idx, experts)
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, None, npr, None, in_rank, npe, topk_idx, weights)
+    raw = ops.dispatch(x, None, topk_idx, weights, in_rank, experts, 1, 0, group_name)
+    rows = []
+
+    def row(name, call):
+        rows.append(f"| {name} | {gpu_time(call):.1f} | {host_time(call):.1f} |")
+
+    row("small.add_(1)", lambda: small.add_(1))
+    row(
+        "torch.empty x3 (int, cuda)",
+        lambda: [torch.empty(256, dtype=torch.int, device="cuda") for _ in range(3)],
+    )
+    row("layout packet", lambda: ops.get_dispatch_layout(topk_idx, experts, world_size))
+    row("layout .default", lambda: layout_d(topk_idx, experts, world_size))
+
+    def inference_layout():
+        with torch.inference_mode():
+            ops.get_dispatch_layout(topk_idx, experts, world_size)
+
+    row("layout in inference_mode", inference_layout)
+    row("Buffer.get_dispatch_layout", lambda: buffer.get_dispatch_layout(topk_idx, experts))
+    row("dispatch raw", lambda: ops.dispatch(x, None, topk_idx, weights, in_rank, experts, 1, 0, group_name))
+    row("Buffer.dispatch", lambda: buffer.dispatch(x, None, npr, None, in_rank, npe, topk_idx, weights))
+    row("cached raw", lambda: ops.cached_dispatch(x, None, in_rank, raw[5], raw[6], group_name))
+    row("Buffer.dispatch(handle)", lambda: buffer.dispatch(x, handle=handle))
+    row("combine raw", lambda: ops.combine(raw[0], raw[3], None, None, in_rank, raw[5], raw[6], group_name))
+    row("Buffer.combine", lambda: buffer.combine(recv_x, handle, recv_w))
+    dist.barrier()
+    buffer.destroy()
+    return "\n".join(["| call | GPU us | host us |", "|---|---:|---:|", *rows]) if rank == 0 else None
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--ranks", type=int, default=2, help="GPUs of this host (default 2)")
-    args = parser.parse_args()
-    print(parallel_launch(args.ranks, worker, backend="nccl", device="cuda", timeout=300)[0])
+    print(parallel_launch(2, worker, backend="nccl", device="cuda", timeout=300)[0])

@@ -44,6 +44,7 @@
 //   EP_OPS_NVL_OVERLAP=0 python3 -m ep_ops.bench --ranks 2   vs   python3 -m ep_ops.bench --ranks 2
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -206,6 +207,10 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   TORCH_CHECK_VALUE(per_rank <= kMaxLocalExperts, "ep_ops.dispatch: at most ", kMaxLocalExperts,
                     " experts per rank on NVLink, got ", per_rank);
   const DispatchOverlapConfig overlap = dispatch_overlap_config();
+  const bool exact = given_rows < 0 && num_worst_tokens == 0;
+  TORCH_CHECK(!exact || c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "ep_ops.dispatch: exact mode (num_worst_tokens=0) reads its row count on the host, "
+              "which a CUDA graph capture cannot do; capture with num_worst_tokens > 0");
 
   // notify
   auto prefix = given_prefix.has_value() ? given_prefix->contiguous()
@@ -227,7 +232,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   // Output rows: exact mode reads the totals (the host sync of exact mode); worst-token mode and
   // cached dispatch know them already. Every rank sees every total, so all fail alike.
   int64_t num_rows = given_rows >= 0 ? given_rows : num_worst_tokens;
-  if (given_rows < 0 && num_worst_tokens == 0) {
+  if (exact) {
     auto host_totals = totals.cpu();
     check_watchdog(v, "dispatch");  // a peer that never posted its counts: raise in this call
     const int32_t* t = host_totals.data_ptr<int32_t>();

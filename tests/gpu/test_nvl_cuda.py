@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from cases import Case, all_inputs, fit_worst_tokens, for_world
+from cases import Case, all_inputs, assert_same, expect_error, fit_worst_tokens, for_world
 from gpu_ranks import GPU_RANKS, needs_gpu_ranks
 from test_ops_vs_reference import NORMAL_CASES, normal_worker
 
@@ -109,6 +109,52 @@ def graph_worker(rank, world_size, group_name):
 
 def test_worst_token_graph_replays_with_changing_routing():
     parallel_launch(GPU_RANKS, graph_worker, backend="nccl", device="cuda", timeout=300)
+
+
+def exact_mode_limits_worker(rank, world_size, group_name):
+    """Exact mode on a buffer too small for the rows: every rank raises the error naming the size
+    needed, and the failed call closes its epoch (abort_kernel): a dispatch that fits then matches
+    the reference. Under CUDA graph capture, exact mode is refused before any kernel is captured."""
+    ops = torch.ops.ep_ops
+    small = for_world(Case(hidden=256, num_topk=2, num_experts=8, num_tokens=4), world_size)
+    big = for_world(Case(hidden=256, num_topk=2, num_experts=8, num_tokens=64), world_size)
+    buffer = init_nvl_buffer(dist.group.WORLD, nvl_bytes_needed(small.num_tokens * world_size, 512, 2))
+
+    def dispatch(case, inputs):
+        me = {k: v.cuda() for k, v in inputs[rank].items() if v is not None}
+        return ops.dispatch(
+            me["x"], None, me["topk_idx"], me["topk_weights"], me["is_token_in_rank"],
+            case.num_experts, 1, 0, group_name,
+        )  # fmt: skip
+
+    for _ in range(2):  # the failed call closes its epoch: the next one finds the buffer in step
+        expect_error(ValueError, ["NVLink buffer is too small", "num_nvl_bytes must be at least"],
+                     dispatch, big, all_inputs(big, world_size))  # fmt: skip
+        inputs = all_inputs(small, world_size)
+        expected = reference_dispatch(
+            [i["x"] for i in inputs], None, [i["topk_idx"] for i in inputs],
+            [i["topk_weights"] for i in inputs], [i["is_token_in_rank"] for i in inputs],
+            small.num_experts, 1, 0,
+        )  # fmt: skip
+        assert_same(dispatch(small, inputs), expected[rank], f"rank {rank}: dispatch after the error")
+
+    me = {k: v.cuda() for k, v in all_inputs(small, world_size)[rank].items() if v is not None}
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    message = ""
+    try:
+        with torch.cuda.graph(graph):
+            ops.dispatch(me["x"], None, me["topk_idx"], me["topk_weights"], me["is_token_in_rank"],
+                         small.num_experts, 1, 0, group_name)  # fmt: skip
+    except RuntimeError as error:
+        message = str(error)
+    assert "capture with num_worst_tokens > 0" in message, f"rank {rank}: {message!r}"
+    dist.barrier()
+    del buffer
+
+
+def test_exact_mode_capacity_error_and_capture_refusal():
+    parallel_launch(GPU_RANKS, exact_mode_limits_worker, backend="nccl", device="cuda", timeout=300)
 
 
 def opcheck_and_compile_worker(rank, world_size, group_name):

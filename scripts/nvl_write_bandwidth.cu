@@ -1,0 +1,223 @@
+// NVLink write bandwidth between the two GPUs of one process, both directions at once, moving
+// 4096 rows x 14336 B (the reference dispatch's rows to the peer, HARDWARE.md): what the link
+// gives SM stores, bulk (TMA) copies and the copy engine, with and without a fence + flag per row
+// (what the dispatch's per-row progress signal costs), by grid size. Variants:
+//   st   : a warp per row, 16-B loads/stores (ep_ops' warp_copy), optional fence+flag per row
+//   tma  : lane 0 of each warp: bulk load of a row chunk -> smem, bulk store smem -> peer
+//   pull : a warp per row, 16-B loads from the peer, stores local
+//   ce   : cudaMemcpyPeerAsync of all bytes
+// Not part of the build: nvcc -O3 -gencode=arch=compute_90,code=sm_90 -o /tmp/nvl_bw
+// scripts/nvl_write_bandwidth.cu && /tmp/nvl_bw (needs 2 GPUs with peer access; results in
+// BENCHMARKS.md, session 7).
+#include <cstdio>
+#include <cstdint>
+#include <vector>
+#include <algorithm>
+#include <cuda_runtime.h>
+
+#include "../csrc/cuda/nvl_rows.cuh"
+
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); exit(1); } } while (0)
+
+constexpr int kRows = 4096;
+constexpr int64_t kRowBytes = 14336;
+
+__device__ __forceinline__ void signal(uint64_t* flag, bool on, int lane) {
+  __syncwarp();
+  if (on && lane == 0) {
+    asm volatile("fence.acq_rel.sys;" ::: "memory");
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(flag), "l"(1ull) : "memory");
+  }
+}
+
+// The copies are ep_ops' own (csrc/cuda/nvl_rows.cuh): loads through the read-only cache for
+// the local source, through L2 only for the peer's.
+__global__ void __launch_bounds__(512) st_kernel(const uint8_t* src, uint8_t* dst, uint64_t* flags, bool fence) {
+  const int lane = threadIdx.x % 32, wpb = blockDim.x / 32;
+  for (int r = blockIdx.x * wpb + threadIdx.x / 32; r < kRows; r += gridDim.x * wpb) {
+    ep_ops::cuda::warp_copy(dst + r * kRowBytes, src + r * kRowBytes, kRowBytes, lane);
+    signal(flags + r, fence, lane);
+  }
+}
+
+__global__ void __launch_bounds__(512) pull_kernel(const uint8_t* src_remote, uint8_t* dst) {
+  const int lane = threadIdx.x % 32, wpb = blockDim.x / 32;
+  for (int r = blockIdx.x * wpb + threadIdx.x / 32; r < kRows; r += gridDim.x * wpb) {
+    ep_ops::cuda::warp_copy</*kReadOnly=*/false, /*kSkipL1=*/true>(dst + r * kRowBytes, src_remote + r * kRowBytes,
+                                                                  kRowBytes, lane);
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// kChunk bytes per stage, kStages stages per warp; lane 0 drives the pipeline.
+template <int kChunk, int kStages>
+__global__ void tma_kernel(const uint8_t* src, uint8_t* dst, uint64_t* flags, bool fence) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ __align__(8) uint64_t bars[32][kStages];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wpb = blockDim.x / 32;
+  uint8_t* buf = smem + warp * kStages * kChunk;
+  if (lane == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&bars[warp][s])));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncwarp();
+  uint32_t phase[kStages] = {};
+  int k = 0;  // chunks issued by this warp so far
+  constexpr int kChunks = kRowBytes / kChunk;
+  for (int r = blockIdx.x * wpb + warp; r < kRows; r += gridDim.x * wpb) {
+    if (lane == 0) {
+      for (int c = 0; c < kChunks; ++c, ++k) {
+        const int s = k % kStages;
+        // the stage's previous store must have read smem
+        asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kStages - 1) : "memory");
+        const uint32_t bar = smem_addr(&bars[warp][s]);
+        const uint32_t sm = smem_addr(buf + s * kChunk);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(kChunk) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     ::"r"(sm), "l"(src + r * kRowBytes + c * kChunk), "r"(kChunk), "r"(bar) : "memory");
+        uint32_t done = 0;
+        while (!done) {
+          asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                       : "=r"(done) : "r"(bar), "r"(phase[s]) : "memory");
+        }
+        phase[s] ^= 1;
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                     ::"l"(dst + r * kRowBytes + c * kChunk), "r"(sm), "r"(kChunk) : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      }
+      if (fence) {
+        asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+        asm volatile("fence.proxy.async.global;" ::: "memory");
+        asm volatile("fence.acq_rel.sys;" ::: "memory");
+        asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(flags + r), "l"(1ull) : "memory");
+      }
+    }
+    __syncwarp();
+  }
+  if (lane == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+struct Side {
+  int dev;
+  uint8_t *src, *dst, *flags_mem;  // dst: on this device, written by the peer
+  cudaStream_t stream;
+  cudaEvent_t start, stop;
+};
+
+template <typename Launch>
+float run_both(Side* sides, Launch launch, int reps = 10) {
+  std::vector<float> times;
+  for (int it = 0; it < reps + 2; ++it) {
+    for (int i = 0; i < 2; ++i) { CK(cudaSetDevice(sides[i].dev)); CK(cudaDeviceSynchronize()); }
+    for (int i = 0; i < 2; ++i) {
+      CK(cudaSetDevice(sides[i].dev));
+      CK(cudaEventRecord(sides[i].start, sides[i].stream));
+      launch(sides[i], sides[1 - i]);
+      CK(cudaGetLastError());
+      CK(cudaEventRecord(sides[i].stop, sides[i].stream));
+    }
+    float worst = 0;
+    for (int i = 0; i < 2; ++i) {
+      CK(cudaSetDevice(sides[i].dev));
+      CK(cudaEventSynchronize(sides[i].stop));
+      float ms = 0;
+      CK(cudaEventElapsedTime(&ms, sides[i].start, sides[i].stop));
+      worst = std::max(worst, ms);
+    }
+    if (it >= 2) times.push_back(worst * 1000.f);
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+int main() {
+  Side sides[2];
+  const size_t bytes = kRows * kRowBytes;
+  for (int i = 0; i < 2; ++i) {
+    sides[i].dev = i;
+    CK(cudaSetDevice(i));
+    CK(cudaDeviceEnablePeerAccess(1 - i, 0));
+    CK(cudaMalloc(&sides[i].src, bytes));
+    CK(cudaMalloc(&sides[i].dst, bytes));
+    CK(cudaMalloc(&sides[i].flags_mem, kRows * 8));
+    CK(cudaMemset(sides[i].src, i + 1, bytes));
+    CK(cudaMemset(sides[i].flags_mem, 0, kRows * 8));
+    CK(cudaStreamCreateWithFlags(&sides[i].stream, cudaStreamNonBlocking));
+    CK(cudaEventCreate(&sides[i].start));
+    CK(cudaEventCreate(&sides[i].stop));
+  }
+  const double mb = bytes / 1e6;
+  auto report = [&](const char* name, int blocks, float us) {
+    printf("%-28s blocks %4d  %8.1f us  %6.1f GB/s each way\n", name, blocks, us, mb / us * 1e3);
+    fflush(stdout);
+  };
+  report("ce memcpy peer", 0, run_both(sides, [&](Side& me, Side& peer) {
+    CK(cudaMemcpyPeerAsync(peer.dst, peer.dev, me.src, me.dev, bytes, me.stream));
+  }));
+  const int grid[] = {8, 16, 24, 32, 48, 64, 96, 132, 264};
+  for (int fence = 0; fence < 2; ++fence) {
+    for (int b : grid) {
+      report(fence ? "st u4 512t fence/row" : "st u4 512t", b, run_both(sides, [&](Side& me, Side& peer) {
+        st_kernel<<<b, 512, 0, me.stream>>>(me.src, peer.dst, reinterpret_cast<uint64_t*>(peer.flags_mem), fence);
+      }));
+    }
+  }
+  for (int b : {16, 32, 64, 132}) {
+    report("st u4 256t fence/row", b, run_both(sides, [&](Side& me, Side& peer) {
+      st_kernel<<<b, 256, 0, me.stream>>>(me.src, peer.dst, reinterpret_cast<uint64_t*>(peer.flags_mem), true);
+    }));
+  }
+  for (int b : grid) {
+    report("pull u4 512t", b, run_both(sides, [&](Side& me, Side& peer) {
+      pull_kernel<<<b, 512, 0, me.stream>>>(peer.src, me.dst);
+    }));
+  }
+  // tma: 8 warps x 2 stages x 7168 B = 112 KB
+  constexpr int kChunk = 7168, kStages = 2, kWarps = 8;
+  const int smem = kWarps * kStages * kChunk;
+  for (int i = 0; i < 2; ++i) {
+    CK(cudaSetDevice(i));
+    CK(cudaFuncSetAttribute(tma_kernel<kChunk, kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CK(cudaFuncSetAttribute(tma_kernel<3584, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    CK(cudaFuncSetAttribute(tma_kernel<14336, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  }
+  for (int fence = 0; fence < 2; ++fence) {
+    for (int b : grid) {
+      report(fence ? "tma 7168x2 8w fence/row" : "tma 7168x2 8w", b, run_both(sides, [&](Side& me, Side& peer) {
+        tma_kernel<kChunk, kStages><<<b, kWarps * 32, smem, me.stream>>>(me.src, peer.dst,
+                                                                       reinterpret_cast<uint64_t*>(peer.flags_mem), fence);
+      }));
+    }
+  }
+  for (int b : {16, 32, 64, 132}) {
+    report("tma 3584x4 8w fence/row", b, run_both(sides, [&](Side& me, Side& peer) {
+      tma_kernel<3584, 4><<<b, kWarps * 32, smem, me.stream>>>(me.src, peer.dst,
+                                                               reinterpret_cast<uint64_t*>(peer.flags_mem), true);
+    }));
+    report("tma 14336x1 8w fence/row", b, run_both(sides, [&](Side& me, Side& peer) {
+      tma_kernel<14336, 1><<<b, kWarps * 32, smem, me.stream>>>(me.src, peer.dst,
+                                                                reinterpret_cast<uint64_t*>(peer.flags_mem), true);
+    }));
+  }
+  // correctness of one tma run into zeroed buffers: peer.dst must hold the source bytes (i + 1)
+  for (int i = 0; i < 2; ++i) { CK(cudaSetDevice(i)); CK(cudaMemset(sides[i].dst, 0, bytes)); CK(cudaDeviceSynchronize()); }
+  run_both(sides, [&](Side& me, Side& peer) {
+    tma_kernel<kChunk, kStages><<<32, kWarps * 32, smem, me.stream>>>(me.src, peer.dst,
+                                                                    reinterpret_cast<uint64_t*>(peer.flags_mem), true);
+  }, 1);
+  for (int i = 0; i < 2; ++i) {
+    CK(cudaSetDevice(i));
+    std::vector<uint8_t> host(bytes);
+    CK(cudaMemcpy(host.data(), sides[i].dst, bytes, cudaMemcpyDeviceToHost));
+    size_t bad = 0;
+    for (size_t j = 0; j < bytes; ++j) bad += host[j] != static_cast<uint8_t>(2 - i);
+    printf("dst on GPU %d: %zu bad bytes\n", i, bad);
+  }
+  return 0;
+}
