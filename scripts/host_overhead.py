@@ -3,53 +3,46 @@ timed on the GPU (CUDA events around the call after a barrier, as the bench time
 host (perf_counter until it returns), rank 0's median; the raw ops against Buffer's methods, and
 a trivial op (small.add_) as the floor of this way of timing.
 
-python3 scripts/host_overhead.py (2 GPUs). Results: BENCHMARKS.md, session 7."""
+python3 scripts/host_overhead.py [--ranks N]. Results: BENCHMARKS.md, session 7."""
 
+import argparse
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
+from profile_nvl import reference_inputs  # this folder is on sys.path when run as a script
 
 from ep_ops import Buffer
 from ep_ops.launch import parallel_launch
 
 
-def gpu_time(call, iters=30):
+def median_us(call, on_gpu, iters=30):
+    """Median time of ``call`` after a barrier with the GPU idle: CUDA events around it
+    (``on_gpu``, as the bench times) or perf_counter until it returns; 3 warm-up calls first."""
     times = []
     for _ in range(iters + 3):
         torch.cuda.synchronize()
         dist.barrier()
         torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        call()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e6)
     return statistics.median(times[3:])
 
 
-def host_time(call, iters=30):
-    times = []
-    for _ in range(iters + 3):
-        torch.cuda.synchronize()
-        dist.barrier()
-        torch.cuda.synchronize()
-        s = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - s) * 1e6)
-    return statistics.median(times[3:])
-
-
-def worker(rank, world_size, group_name, tokens=4096, hidden=7168, topk=8, experts=256):
+def worker(rank, world_size, group_name, experts=256):
     ops = torch.ops.ep_ops
-    group = dist.group.WORLD
-    buffer = Buffer(group, num_nvl_bytes=int(1e9))
-    gen = torch.Generator(device="cuda").manual_seed(rank)
-    x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
-    topk_idx = torch.rand(tokens, experts, device="cuda", generator=gen).topk(topk, dim=1).indices
-    weights = torch.rand(tokens, topk, device="cuda", generator=gen)
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=int(1e9))
+    x, topk_idx, weights = reference_inputs(rank, experts=experts)
     small = torch.zeros(16, device="cuda")
     layout_d = ops.get_dispatch_layout.default
     npr, _, npe, in_rank, _ = buffer.get_dispatch_layout(topk_idx, experts)
@@ -58,7 +51,7 @@ def worker(rank, world_size, group_name, tokens=4096, hidden=7168, topk=8, exper
     rows = []
 
     def row(name, call):
-        rows.append(f"| {name} | {gpu_time(call):.1f} | {host_time(call):.1f} |")
+        rows.append(f"| {name} | {median_us(call, True):.1f} | {median_us(call, False):.1f} |")
 
     row("small.add_(1)", lambda: small.add_(1))
     row(
@@ -86,4 +79,7 @@ def worker(rank, world_size, group_name, tokens=4096, hidden=7168, topk=8, exper
 
 
 if __name__ == "__main__":
-    print(parallel_launch(2, worker, backend="nccl", device="cuda", timeout=300)[0])
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ranks", type=int, default=2, help="GPUs of this host (default 2)")
+    args = parser.parse_args()
+    print(parallel_launch(args.ranks, worker, backend="nccl", device="cuda", timeout=300)[0])

@@ -10,15 +10,21 @@ from ep_ops.launch import parallel_launch
 from ep_ops.nvl import init_nvl_buffer, nvl_bytes_needed
 
 
-def reference_workload(rank, world_size, tokens=4096, hidden=7168, topk=8, experts=256):
-    """An NVLink buffer for the reference workload (HARDWARE.md) and this rank's inputs:
-    (buffer, x [tokens, hidden] bf16, topk_idx, topk_weights), random routing."""
-    buffer = init_nvl_buffer(dist.group.WORLD, nvl_bytes_needed(tokens * world_size, 2 * hidden, topk))
+def reference_inputs(rank, tokens=4096, hidden=7168, topk=8, experts=256):
+    """This rank's inputs of the reference workload (HARDWARE.md): x [tokens, hidden] bf16,
+    topk_idx, topk_weights; random routing."""
     gen = torch.Generator(device="cuda").manual_seed(rank)
     x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
     topk_idx = torch.rand(tokens, experts, device="cuda", generator=gen).topk(topk, dim=1).indices
     weights = torch.rand(tokens, topk, device="cuda", generator=gen)
-    return buffer, x, topk_idx, weights
+    return x, topk_idx, weights
+
+
+def reference_workload(rank, world_size, tokens=4096, hidden=7168, topk=8, experts=256):
+    """An NVLink buffer for the reference workload and this rank's inputs:
+    (buffer, x, topk_idx, topk_weights)."""
+    buffer = init_nvl_buffer(dist.group.WORLD, nvl_bytes_needed(tokens * world_size, 2 * hidden, topk))
+    return (buffer, *reference_inputs(rank, tokens, hidden, topk, experts))
 
 
 def worker(rank, world_size, group_name, experts=256):

@@ -120,8 +120,10 @@ def exact_mode_limits_worker(rank, world_size, group_name):
     big = for_world(Case(hidden=256, num_topk=2, num_experts=8, num_tokens=64), world_size)
     buffer = init_nvl_buffer(dist.group.WORLD, nvl_bytes_needed(small.num_tokens * world_size, 512, 2))
 
-    def dispatch(case, inputs):
-        me = {k: v.cuda() for k, v in inputs[rank].items() if v is not None}
+    def mine_on_gpu(inputs):
+        return {k: v.cuda() for k, v in inputs[rank].items() if v is not None}
+
+    def dispatch(case, me):
         return ops.dispatch(
             me["x"], None, me["topk_idx"], me["topk_weights"], me["is_token_in_rank"],
             case.num_experts, 1, 0, group_name,
@@ -129,23 +131,24 @@ def exact_mode_limits_worker(rank, world_size, group_name):
 
     for _ in range(2):  # the failed call closes its epoch: the next one finds the buffer in step
         expect_error(ValueError, ["NVLink buffer is too small", "num_nvl_bytes must be at least"],
-                     dispatch, big, all_inputs(big, world_size))  # fmt: skip
+                     dispatch, big, mine_on_gpu(all_inputs(big, world_size)))  # fmt: skip
         inputs = all_inputs(small, world_size)
         expected = reference_dispatch(
             [i["x"] for i in inputs], None, [i["topk_idx"] for i in inputs],
             [i["topk_weights"] for i in inputs], [i["is_token_in_rank"] for i in inputs],
             small.num_experts, 1, 0,
         )  # fmt: skip
-        assert_same(dispatch(small, inputs), expected[rank], f"rank {rank}: dispatch after the error")
+        assert_same(
+            dispatch(small, mine_on_gpu(inputs)), expected[rank], f"rank {rank}: dispatch after the error"
+        )
 
-    me = {k: v.cuda() for k, v in all_inputs(small, world_size)[rank].items() if v is not None}
+    me = mine_on_gpu(all_inputs(small, world_size))  # copies from the host cannot be captured
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     message = ""
     try:
         with torch.cuda.graph(graph):
-            ops.dispatch(me["x"], None, me["topk_idx"], me["topk_weights"], me["is_token_in_rank"],
-                         small.num_experts, 1, 0, group_name)  # fmt: skip
+            dispatch(small, me)
     except RuntimeError as error:
         message = str(error)
     assert "capture with num_worst_tokens > 0" in message, f"rank {rank}: {message!r}"
