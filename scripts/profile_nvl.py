@@ -1,5 +1,8 @@
 """Kernel-level times of the NVLink normal-mode ops (torch.profiler), for tuning:
-python3 scripts/profile_nvl.py [--ranks N]. Prints rank 0's CUDA kernel table."""
+python3 scripts/profile_nvl.py [--ranks N]. Prints rank 0's CUDA kernel table.
+--loop: no profiler; times each step of the same back-to-back loop (layout, dispatch, cached
+dispatch, combine, no barrier between steps) with CUDA events and prints the median and the
+slowest steps, so a step that stalls (ranks falling out of step) shows without the profiler."""
 
 import argparse
 
@@ -27,7 +30,18 @@ def reference_workload(rank, world_size, tokens=4096, hidden=7168, topk=8, exper
     return (buffer, *reference_inputs(rank, tokens, hidden, topk, experts))
 
 
-def worker(rank, world_size, group_name, experts=256):
+def step_times_us(step, steps=50):
+    """Each of `steps` back-to-back calls of step(), GPU-timed by events between them (no sync)."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for i in range(steps):
+        step()
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    return [1000.0 * events[i].elapsed_time(events[i + 1]) for i in range(steps)]
+
+
+def worker(rank, world_size, group_name, experts=256, loop=False):
     ops = torch.ops.ep_ops
     buffer, x, topk_idx, weights = reference_workload(rank, world_size, experts=experts)
 
@@ -40,6 +54,13 @@ def worker(rank, world_size, group_name, experts=256):
     for _ in range(5):
         step()
     torch.cuda.synchronize()
+    if loop:
+        times = step_times_us(step)
+        ordered = sorted(times)
+        return (
+            f"rank {rank}: {len(times)} steps, median {ordered[len(times) // 2]:.1f} us, "
+            f"slowest {', '.join(f'{t:.1f}' for t in ordered[-5:][::-1])} us"
+        )
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             step()
@@ -51,5 +72,7 @@ def worker(rank, world_size, group_name, experts=256):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ranks", type=int, default=2, help="GPUs of this host (default 2)")
+    parser.add_argument("--loop", action="store_true", help="time each step without the profiler")
     args = parser.parse_args()
-    print(parallel_launch(args.ranks, worker, backend="nccl", device="cuda", timeout=300)[0])
+    results = parallel_launch(args.ranks, worker, 256, args.loop, backend="nccl", device="cuda", timeout=300)
+    print("\n".join(results) if args.loop else results[0])

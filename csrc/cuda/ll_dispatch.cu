@@ -106,43 +106,61 @@ __device__ __forceinline__ float fp8_scale_inv(float amax, bool round_scale) {
 // with one group in flight at hidden 7168, 3.5 groups per warp).
 constexpr int kGroupsInFlight = 4;
 
-__device__ __forceinline__ void send_fp8_row(const DispatchArgs& a, int64_t t, const int* slots, uint32_t mask) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int groups = a.hidden / static_cast<int>(wire::kFp8Block);
-  for (int g0 = warp; g0 < groups; g0 += kLLWarps * kGroupsInFlight) {  // warp-uniform
-    uint2 raw[kGroupsInFlight];
+// A warp's loads of one round of its groups (from group g0 on): 4 BF16 channels per lane each.
+struct Fp8Round {
+  uint2 raw[kGroupsInFlight];
+};
+
+__device__ __forceinline__ void load_fp8_round(const DispatchArgs& a, int64_t t, int g0, Fp8Round& r) {
+  const int lane = threadIdx.x & 31, groups = a.hidden / static_cast<int>(wire::kFp8Block);
 #pragma unroll
-    for (int u = 0; u < kGroupsInFlight; ++u) {
-      const int64_t channel = (g0 + u * kLLWarps) * wire::kFp8Block + lane * 4;
-      if (g0 + u * kLLWarps < groups) raw[u] = __ldg(reinterpret_cast<const uint2*>(a.x + t * a.hidden + channel));
+  for (int u = 0; u < kGroupsInFlight; ++u) {
+    const int64_t channel = (g0 + u * kLLWarps) * wire::kFp8Block + lane * 4;
+    if (g0 + u * kLLWarps < groups) r.raw[u] = __ldg(reinterpret_cast<const uint2*>(a.x + t * a.hidden + channel));
+  }
+}
+
+__device__ __forceinline__ void cast_fp8_round(const DispatchArgs& a, int g0, const Fp8Round& r, const int* slots,
+                                               uint32_t mask) {
+  const int lane = threadIdx.x & 31, groups = a.hidden / static_cast<int>(wire::kFp8Block);
+#pragma unroll
+  for (int u = 0; u < kGroupsInFlight; ++u) {
+    const int g = g0 + u * kLLWarps;
+    if (g >= groups) break;  // warp-uniform
+    const int64_t channel = g * wire::kFp8Block + lane * 4;
+    const auto* pair = reinterpret_cast<const __nv_bfloat162*>(&r.raw[u]);
+    float f[4] = {__low2float(pair[0]), __high2float(pair[0]), __low2float(pair[1]), __high2float(pair[1])};
+    float amax = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
+#pragma unroll
+    for (int step = 16; step > 0; step /= 2) {
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, step));
     }
+    const float scale_inv = fp8_scale_inv(amax, a.round_scale);
+    const float inv = __frcp_rn(scale_inv);
+    uint32_t packed = 0;
 #pragma unroll
-    for (int u = 0; u < kGroupsInFlight; ++u) {
-      const int g = g0 + u * kLLWarps;
-      if (g >= groups) break;  // warp-uniform
-      const int64_t channel = g * wire::kFp8Block + lane * 4;
-      const auto* pair = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
-      float f[4] = {__low2float(pair[0]), __high2float(pair[0]), __low2float(pair[1]),
-                    __high2float(pair[1])};
-      float amax = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
-#pragma unroll
-      for (int step = 16; step > 0; step /= 2) {
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, step));
-      }
-      const float scale_inv = fp8_scale_inv(amax, a.round_scale);
-      const float inv = __frcp_rn(scale_inv);
-      uint32_t packed = 0;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        packed |= static_cast<uint32_t>(c10::Float8_e4m3fn(__fmul_rn(f[i], inv)).x) << (8 * i);
-      }
-      for (int d = 0; d < a.v.num_ranks; ++d) {
-        if (!((mask >> d) & 1u)) continue;
-        uint8_t* row = slab_row(a, d, slots[d]);
-        *reinterpret_cast<uint32_t*>(row + channel) = packed;
-        if (lane == 0) reinterpret_cast<float*>(row + a.row.scale_offset())[g] = scale_inv;
-      }
+    for (int i = 0; i < 4; ++i) {
+      packed |= static_cast<uint32_t>(c10::Float8_e4m3fn(__fmul_rn(f[i], inv)).x) << (8 * i);
     }
+    for (int d = 0; d < a.v.num_ranks; ++d) {
+      if (!((mask >> d) & 1u)) continue;
+      uint8_t* row = slab_row(a, d, slots[d]);
+      *reinterpret_cast<uint32_t*>(row + channel) = packed;
+      if (lane == 0) reinterpret_cast<float*>(row + a.row.scale_offset())[g] = scale_inv;
+    }
+  }
+}
+
+// The token's row, cast; `first`: the warp's first round, loaded by the caller (before the slot
+// scan, so that the scan and these loads share one memory latency).
+__device__ __forceinline__ void send_fp8_row(const DispatchArgs& a, int64_t t, const int* slots, uint32_t mask,
+                                             const Fp8Round& first) {
+  const int warp = threadIdx.x >> 5, groups = a.hidden / static_cast<int>(wire::kFp8Block);
+  cast_fp8_round(a, warp, first, slots, mask);
+  for (int g0 = warp + kLLWarps * kGroupsInFlight; g0 < groups; g0 += kLLWarps * kGroupsInFlight) {
+    Fp8Round r;
+    load_fp8_round(a, t, g0, r);
+    cast_fp8_round(a, g0, r, slots, mask);
   }
 }
 
@@ -182,10 +200,12 @@ __device__ __forceinline__ bool send_rows(const DispatchArgs& a, uint64_t ticket
   if (threadIdx.x == 0 && completes_unit(ticket)) mine->layout_key = a.layout_key;
 
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
-    slots_before(a.topk_idx, t, K, a.num_experts, a.per_rank, R, slots);
+    Fp8Round first;  // the token's first loads go out before the slot scan's
+    if (a.use_fp8) load_fp8_round(a, t, threadIdx.x >> 5, first);
     const uint32_t mask = token_rank_mask(a.topk_idx, t, K, a.num_experts, a.per_rank);
+    slots_before(a.topk_idx, t, K, a.num_experts, a.per_rank, R, slots);
     if (a.use_fp8) {
-      send_fp8_row(a, t, slots, mask);
+      send_fp8_row(a, t, slots, mask, first);
     } else {
       send_bf16_row(a, t, slots, mask);
     }

@@ -121,9 +121,17 @@ struct RowAt {
   const float* weights;
 };
 
-template <typename T>
+// kMaxRanks: R <= kMaxRanks (an instance for 2 ranks keeps every row of a round in registers).
+// A lane sums kUnroll 16-byte chunks of the token per round, with the loads of all of them (from
+// every destination and both biases) issued before any sum: one memory latency per round instead
+// of one per chunk (a load may not pass the previous chunk's store, which the compiler cannot
+// tell apart from it).
+// More ranks: one chunk per round (its R + 2 loads together); either instance runs one block per
+// SM (the old loop, a load at a time, fit two).
+template <typename T, int kMaxRanks>
 __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) {
   constexpr int kElems = 16 / sizeof(T);
+  constexpr int kUnroll = kMaxRanks <= 2 ? 4 : 1;
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32;
   Control* mine = v.control(me);
   const uint64_t cur = mine->combine_epoch;
@@ -150,29 +158,47 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) 
   };
   for (int t = blockIdx.x * kWarps + tid / 32; t < a.num_tokens; t += gridDim.x * kWarps) {
     const int64_t token = t;
-    for (int64_t chunk = lane; chunk < a.payload / 16; chunk += 32) {
-      float acc[kElems];
+    const uint8_t* rows[kMaxRanks];  // the token's row from each destination, null if none
 #pragma unroll
-      for (int e = 0; e < kElems; ++e) acc[e] = 0.f;
-      for (int d = 0; d < R; ++d) {
-        if (!a.in_rank[token * R + d]) continue;
-        const int4 raw = reinterpret_cast<const int4*>(row_at(token, d).payload)[chunk];
-        const T* vals = reinterpret_cast<const T*>(&raw);
+    for (int d = 0; d < kMaxRanks; ++d) {
+      rows[d] = d < R && a.in_rank[token * R + d] ? row_at(token, d).payload : nullptr;
+    }
+    const uint8_t* biases[2] = {a.bias_0 ? a.bias_0 + token * a.payload : nullptr,
+                                a.bias_1 ? a.bias_1 + token * a.payload : nullptr};
+    const int64_t n = a.payload / 16;
+    for (int64_t first = lane; first < n; first += 32 * kUnroll) {
+      // Every load of the round first (rows, then biases), then the sums in the fixed order.
+      int4 raw[kMaxRanks + 2][kUnroll];
 #pragma unroll
-        for (int e = 0; e < kElems; ++e) acc[e] += Convert<T>::to_float(vals[e]);
+      for (int d = 0; d < kMaxRanks + 2; ++d) {
+        const uint8_t* src = d < kMaxRanks ? rows[d] : biases[d - kMaxRanks];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t chunk = first + 32 * u;
+          if (src && chunk < n) raw[d][u] = reinterpret_cast<const int4*>(src)[chunk];
+        }
       }
-      for (const uint8_t* bias : {a.bias_0, a.bias_1}) {
-        if (!bias) continue;
-        const int4 raw = reinterpret_cast<const int4*>(bias + token * a.payload)[chunk];
-        const T* vals = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-        for (int e = 0; e < kElems; ++e) acc[e] += Convert<T>::to_float(vals[e]);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t chunk = first + 32 * u;
+        if (chunk >= n) break;
+        float acc[kElems];
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) acc[e] = 0.f;
+#pragma unroll
+        for (int d = 0; d < kMaxRanks + 2; ++d) {
+          const uint8_t* src = d < kMaxRanks ? rows[d] : biases[d - kMaxRanks];
+          if (!src) continue;
+          const T* vals = reinterpret_cast<const T*>(&raw[d][u]);
+#pragma unroll
+          for (int e = 0; e < kElems; ++e) acc[e] += Convert<T>::to_float(vals[e]);
+        }
+        int4 packed;
+        T* outs = reinterpret_cast<T*>(&packed);
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) outs[e] = Convert<T>::from_float(acc[e]);
+        reinterpret_cast<int4*>(a.out + token * a.payload)[chunk] = packed;
       }
-      int4 packed;
-      T* outs = reinterpret_cast<T*>(&packed);
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) outs[e] = Convert<T>::from_float(acc[e]);
-      reinterpret_cast<int4*>(a.out + token * a.payload)[chunk] = packed;
     }
     for (int k = lane; k < a.num_topk && a.out_weights; k += 32) {
       float acc = 0.f;
@@ -197,7 +223,11 @@ template <typename T>
 void launch_send_and_recv(const PeerView& v, const SendArgs& send, const RecvArgs& recv, cudaStream_t stream) {
   send_kernel<T><<<kSendBlocks, kThreads, 0, stream>>>(v, send);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  recv_kernel<T><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+  if (v.num_ranks <= 2) {
+    recv_kernel<T, 2><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+  } else {
+    recv_kernel<T, kMaxNvlRanks><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -125,22 +125,19 @@ __global__ void abort_kernel(PeerView v) {
 
 __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, DispatchSendArgs a) {
   if (watchdog_tripped(v.watchdog)) return;  // notify gave up: the prefix matrix is not valid
-  const int me = v.rank, R = v.num_ranks;
   const int lane = threadIdx.x % 32;
-  const int64_t row_bytes = a.row.bytes();
-  const int64_t capacity_rows = v.region_bytes / row_bytes;
+  const SendLane lane_dest = send_lane(v, a, lane);
+  const int64_t capacity_rows = v.region_bytes / a.row.bytes();
   for (int t = blockIdx.x * kWarps + threadIdx.x / 32; t < a.num_tokens; t += gridDim.x * kWarps) {
-    for (int d = 0; d < R; ++d) {
-      if (!a.in_rank[static_cast<int64_t>(t) * R + d]) continue;
-      const int64_t index = dispatch_row_index(a, me, R, t, d);
-      if (index >= capacity_rows) continue;  // cannot happen after the host's capacity check
-      dispatch_send_row(a, t, v.dispatch_region(d) + index * row_bytes, lane);
-    }
+    // capacity_rows cannot be passed after the host's capacity check
+    const TokenDest dest = token_dest(v, a, lane_dest, t, capacity_rows, /*skip_self=*/false, lane);
+    const uint32_t dests = __ballot_sync(0xffffffffu, dest.row != nullptr);
+    if (dests != 0) dispatch_send_token(a, t, dests, dest.row, lane, [] {});
   }
   __syncthreads();
-  if (threadIdx.x < R) {
+  if (threadIdx.x < v.num_ranks) {
     fence_system();  // the block's row writes (seen through the barrier) before the flag
-    add_release(&v.control(threadIdx.x)->dispatch_arrivals[me], 1);
+    add_release(&v.control(threadIdx.x)->dispatch_arrivals[v.rank], 1);
   }
 }
 

@@ -7,8 +7,9 @@
 // d) is in chunk j / C, with C = max(kWarps, ceil(capacity_rows / kMaxDispatchChunks)) (the same
 // on every rank: it depends only on the call's row layout and the buffer size).
 //   sender: a warp writes its token's rows, then per destination one release-add of 1 on
-//           Control::dispatch_chunk_rows[s][chunk] of the receiver. Warps take tokens in a grid
-//           stride, so each stream fills roughly front to back and its chunks complete in order.
+//           Control::dispatch_chunk_rows[s][chunk] of the receiver (posted once the warp's loads
+//           of its next token are in flight). Warps take tokens in a grid stride, so each stream
+//           fills roughly front to back and its chunks complete in order.
 //   receiver: the chunks of all streams, interleaved (chunk 0 of every source, then chunk 1, ...)
 //           and preceded by the worst-token padding, are dealt round-robin to the Q blocks. A
 //           block's thread 0 waits until the chunk's counter holds its row count, resets it to 0
@@ -51,29 +52,45 @@ struct ChunkPlan {
   bool self_direct;   // our rows to ourselves skip the buffer (recv.own_tokens is set)
 };
 
-__device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendArgs& a,
-                                          const ChunkPlan& p) {
-  const int me = v.rank, R = v.num_ranks, lane = threadIdx.x % 32;
-  const int64_t row_bytes = a.row.bytes();
-  for (int t = blockIdx.x * kWarps + threadIdx.x / 32; t < a.num_tokens; t += p.send_blocks * kWarps) {
-    const bool* in_rank = a.in_rank + static_cast<int64_t>(t) * R;
-    for (int d = 0; d < R; ++d) {
-      if (!in_rank[d] || (p.self_direct && d == me)) continue;
-      const int64_t index = dispatch_row_index(a, me, R, t, d);
-      if (index < p.capacity_rows) dispatch_send_row(a, t, v.dispatch_region(d) + index * row_bytes, lane);
-    }
-    __syncwarp();  // every lane's writes of this token before lane d's flag
-    if (lane < R && in_rank[lane] && !(p.self_direct && lane == me) &&
-        dispatch_row_index(a, me, R, t, lane) < p.capacity_rows) {
-      const int64_t j = a.positions[static_cast<int64_t>(t) * R + lane];
-      fence_system();
-      add_release(&v.control(lane)->dispatch_chunk_rows[me][j / p.chunk_rows], 1);
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < R) {
+// Lanes d < R whose bit is set in `rows` flag one row each on d's counter of its chunk (`pos`:
+// the row's index in our stream to d). The fence after the warp barrier orders every lane's row
+// writes before the flag.
+__device__ __forceinline__ void flag_rows(const PeerView& v, const SendLane& s, uint32_t rows, int32_t pos,
+                                          const ChunkPlan& p, int lane) {
+  __syncwarp();
+  if ((rows >> lane) & 1u) {
+    Control* receiver = reinterpret_cast<Control*>(s.region - kControlBytes);
     fence_system();
-    add_release(&v.control(threadIdx.x)->dispatch_arrivals[me], kSendBlocks / p.send_blocks);
+    add_release(&receiver->dispatch_chunk_rows[v.rank][pos / p.chunk_rows], 1);
+  }
+}
+
+// A warp takes tokens t = warp, warp + S * kWarps, ...; the next token's destinations are loaded
+// while this one is sent, and a token's rows are flagged once the next token's first loads are
+// in flight (the fence waits for the rows to land: ~1-2 us that the loads now share).
+__device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendArgs& a, const ChunkPlan& p) {
+  const int lane = threadIdx.x % 32, stride = p.send_blocks * kWarps;
+  const SendLane lane_dest = send_lane(v, a, lane);
+  int t = blockIdx.x * kWarps + threadIdx.x / 32;
+  TokenDest next = token_dest(v, a, lane_dest, t, p.capacity_rows, p.self_direct, lane);
+  uint32_t pending = 0;  // the previous token's rows, not flagged yet
+  int32_t pending_pos = 0;
+  for (; t < a.num_tokens; t += stride) {
+    const TokenDest cur = next;
+    next = token_dest(v, a, lane_dest, t + stride, p.capacity_rows, p.self_direct, lane);
+    const uint32_t dests = __ballot_sync(0xffffffffu, cur.row != nullptr);
+    if (dests == 0) continue;
+    dispatch_send_token(a, t, dests, cur.row, lane, [&] {
+      flag_rows(v, lane_dest, pending, pending_pos, p, lane);
+    });
+    pending = dests;
+    pending_pos = cur.pos;
+  }
+  flag_rows(v, lane_dest, pending, pending_pos, p, lane);
+  __syncthreads();
+  if (threadIdx.x < v.num_ranks) {
+    fence_system();
+    add_release(&v.control(threadIdx.x)->dispatch_arrivals[v.rank], kSendBlocks / p.send_blocks);
   }
 }
 

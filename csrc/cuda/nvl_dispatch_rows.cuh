@@ -53,16 +53,118 @@ __device__ __forceinline__ int64_t dispatch_row_index(const DispatchSendArgs& a,
   return rows_before(a.prefix, R, me, d) + a.positions[static_cast<int64_t>(t) * R + d];
 }
 
-// The warp writes token t's row at dst (a peer's or our own dispatch region).
-__device__ __forceinline__ void dispatch_send_row(const DispatchSendArgs& a, int t, uint8_t* dst,
-                                                  int lane) {
-  warp_copy(dst, a.x + t * a.row.payload, a.row.payload, lane);
-  if (a.scales) warp_copy_words(dst + a.row.scales_at(), a.scales + t * a.scale_bytes, a.scale_bytes, lane);
-  if (a.topk) warp_copy_words(dst + a.row.topk_at(), a.topk + t * a.topk_bytes, a.topk_bytes, lane);
-  if (a.weights) {
-    warp_copy_words(dst + a.row.weights_at(), a.weights + t * a.weight_bytes, a.weight_bytes, lane);
+// Where token t's rows go, lane d < R describing destination d: the row's address in d's region,
+// null when t's row does not go there (not routed to d, a row to ourselves that skips the buffer,
+// or past the region, which the host's checks rule out); `pos` is t's index among our tokens for d.
+struct TokenDest {
+  uint8_t* row;
+  int32_t pos;
+};
+
+// Lane d < R's base of d's buffer (constant indices: a dynamic index into the kernel's PeerView
+// argument would copy the whole struct to local memory).
+__device__ __forceinline__ uint8_t* peer_base(const PeerView& v, int r) {
+  uint8_t* base = nullptr;
+#pragma unroll
+  for (int i = 0; i < kMaxNvlRanks; ++i) {
+    if (i == r) base = v.base[i];
   }
-  if (lane == 0) *reinterpret_cast<int32_t*>(dst + a.row.src_at()) = t;
+  return base;
+}
+
+// What lane d < R needs for every token: where our rows start in d's region.
+struct SendLane {
+  uint8_t* region;    // d's dispatch region
+  int64_t first_row;  // rows of lower sources there
+};
+
+__device__ __forceinline__ SendLane send_lane(const PeerView& v, const DispatchSendArgs& a, int lane) {
+  if (lane >= v.num_ranks) return {nullptr, 0};
+  return {peer_base(v, lane) + kControlBytes, rows_before(a.prefix, v.num_ranks, v.rank, lane)};
+}
+
+// Token t's destinations, one lane each, with its in_rank byte and position loaded together.
+// skip_self: our row to ourselves does not go through the buffer.
+__device__ __forceinline__ TokenDest token_dest(const PeerView& v, const DispatchSendArgs& a, const SendLane& s,
+                                                int t, int64_t capacity_rows, bool skip_self, int lane) {
+  const int R = v.num_ranks;
+  if (lane >= R || t >= a.num_tokens) return {nullptr, 0};
+  const int64_t at = static_cast<int64_t>(t) * R + lane;
+  const bool in = a.in_rank[at];
+  const int32_t pos = a.positions[at];  // loaded with in_rank; only meaningful when in
+  const int64_t index = s.first_row + pos;
+  const bool go = in && !(skip_self && lane == v.rank) && index < capacity_rows;
+  return {go ? s.region + index * a.row.bytes() : nullptr, pos};
+}
+
+// Payload int4s per lane that a send warp holds at once: all loads of a stage are issued before
+// its stores (a load may not pass an earlier store to memory the compiler cannot tell apart, so a
+// copy that alternates them waits one memory latency per round). Hidden 7168: a BF16 row in two
+// rounds, an FP8 row in one (the 4-deep warp_copy took 7 and 4).
+constexpr int kSendStage = 14;
+
+// Up to two 4-byte words per lane of a small row field (scales, top-k ids, weights), loaded with
+// the payload's first stage and stored after it; words past 64 go one by one.
+struct FieldWords {
+  uint32_t w0 = 0, w1 = 0;
+  __device__ __forceinline__ void load(const uint8_t* src, int64_t bytes, int lane) {
+    const auto* s = reinterpret_cast<const uint32_t*>(src);
+    const int64_t n = bytes / 4;
+    if (lane < n) w0 = __ldg(s + lane);
+    if (lane + 32 < n) w1 = __ldg(s + lane + 32);
+  }
+  __device__ __forceinline__ void store(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) const {
+    auto* d = reinterpret_cast<uint32_t*>(dst);
+    const int64_t n = bytes / 4;
+    if (lane < n) d[lane] = w0;
+    if (lane + 32 < n) d[lane + 32] = w1;
+    for (int64_t i = lane + 64; i < n; i += 32) d[i] = __ldg(reinterpret_cast<const uint32_t*>(src) + i);
+  }
+};
+
+// The warp writes token t's row to every destination whose bit is set in `dests` (lane d's
+// `row`: its address there). `after_first_loads()` runs once the first stage's loads are issued
+// (the overlapped sender flags its previous token's rows there, so that the fence's wait and
+// these loads overlap).
+template <typename AfterFirstLoads>
+__device__ __forceinline__ void dispatch_send_token(const DispatchSendArgs& a, int t, uint32_t dests,
+                                                    uint8_t* row, int lane, AfterFirstLoads&& after_first_loads) {
+  const uint8_t* scales = a.scales ? a.scales + t * a.scale_bytes : nullptr;
+  const uint8_t* topk = a.topk ? a.topk + t * a.topk_bytes : nullptr;
+  const uint8_t* weights = a.weights ? a.weights + t * a.weight_bytes : nullptr;
+  FieldWords scale_words, topk_words, weight_words;
+  if (scales) scale_words.load(scales, a.scale_bytes, lane);
+  if (topk) topk_words.load(topk, a.topk_bytes, lane);
+  if (weights) weight_words.load(weights, a.weight_bytes, lane);
+  const auto* src = reinterpret_cast<const int4*>(a.x + t * a.row.payload);
+  const int64_t n = a.row.payload / 16;
+  for (int64_t first = 0; first < n; first += 32 * kSendStage) {
+    int4 v[kSendStage];
+#pragma unroll
+    for (int u = 0; u < kSendStage; ++u) {
+      const int64_t i = first + lane + 32 * u;
+      if (i < n) v[u] = __ldg(src + i);
+    }
+    if (first == 0) after_first_loads();
+    for (uint32_t left = dests; left != 0; left &= left - 1) {
+      auto* dst = reinterpret_cast<int4*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(row),
+                                                      __ffs(left) - 1));
+#pragma unroll
+      for (int u = 0; u < kSendStage; ++u) {
+        const int64_t i = first + lane + 32 * u;
+        if (i < n) dst[i] = v[u];
+      }
+    }
+  }
+  if (n == 0) after_first_loads();
+  for (uint32_t left = dests; left != 0; left &= left - 1) {
+    auto* dst = reinterpret_cast<uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(row),
+                                                       __ffs(left) - 1));
+    if (scales) scale_words.store(dst + a.row.scales_at(), scales, a.scale_bytes, lane);
+    if (topk) topk_words.store(dst + a.row.topk_at(), topk, a.topk_bytes, lane);
+    if (weights) weight_words.store(dst + a.row.weights_at(), weights, a.weight_bytes, lane);
+    if (lane == 0) *reinterpret_cast<int32_t*>(dst + a.row.src_at()) = t;
+  }
 }
 
 // Output row n past the received rows (worst-token padding).
@@ -74,6 +176,10 @@ __device__ __forceinline__ void dispatch_recv_padding(const DispatchRecvArgs& a,
   for (int k = lane; k < a.num_topk && a.recv_weights; k += 32) a.recv_weights[n * a.num_topk + k] = 0.f;
   if (lane == 0) a.recv_src[n] = -1;
 }
+
+// Payload loads in flight per lane when a received row is copied out (a BF16 row of hidden 7168
+// in 4 rounds of loads instead of 7).
+constexpr int kRecvUnroll = 7;
 
 // A field of a buffer row: through L2 only when a peer may be writing nearby during the kernel.
 template <bool kConcurrent, typename T>
@@ -96,7 +202,7 @@ struct BufferRow {
   const uint8_t* row;
   const RowLayout& layout;
   __device__ __forceinline__ void copy_payload(uint8_t* dst, int lane) const {
-    warp_copy</*kReadOnly=*/!kConcurrent, /*kSkipL1=*/kConcurrent>(dst, row, layout.payload, lane);
+    warp_copy</*kReadOnly=*/!kConcurrent, /*kSkipL1=*/kConcurrent, kRecvUnroll>(dst, row, layout.payload, lane);
   }
   __device__ __forceinline__ float scale(int i) const {
     return row_field<kConcurrent>(reinterpret_cast<const float*>(row + layout.scales_at()) + i);
@@ -116,7 +222,7 @@ struct TokenRow {
   const DispatchSendArgs& in;
   int t;
   __device__ __forceinline__ void copy_payload(uint8_t* dst, int lane) const {
-    warp_copy(dst, in.x + t * in.row.payload, in.row.payload, lane);
+    warp_copy<true, false, kRecvUnroll>(dst, in.x + t * in.row.payload, in.row.payload, lane);
   }
   __device__ __forceinline__ float scale(int i) const {
     return reinterpret_cast<const float*>(in.scales + t * in.scale_bytes)[i];
@@ -130,32 +236,58 @@ struct TokenRow {
   __device__ __forceinline__ int32_t src() const { return t; }
 };
 
-// Output row n from the received row `src`; local expert ids counted into the block's hist.
+// Output row n from the received row `src`; local expert ids counted into the block's hist. The
+// small fields are loaded before the payload is copied, so that their loads overlap its.
 template <typename Source>
 __device__ __forceinline__ void dispatch_recv_row(const DispatchRecvArgs& a, int64_t n, const Source& src,
                                                   int64_t first_expert, int32_t* hist, int lane) {
+  const int ns = a.num_scales, K = a.num_topk;
+  const float s0 = lane < ns ? src.scale(lane) : 0.f, s1 = lane + 32 < ns ? src.scale(lane + 32) : 0.f;
+  const bool lane_ids = a.recv_topk && K <= 32;  // one id per lane (else the loop below)
+  long long id = -1;
+  float weight = 0.f;
+  if (lane_ids && lane < K) {
+    id = src.expert(lane);
+    if (a.recv_weights) weight = src.weight(lane);
+  }
+  const int32_t source_token = lane == 0 ? src.src() : 0;
   if (a.recv_x) src.copy_payload(a.recv_x + n * a.row.payload, lane);
-  for (int i = lane; i < a.num_scales; i += 32) a.recv_scales[n * a.num_scales + i] = src.scale(i);
-  if (a.recv_topk) {
-    for (int k = lane; k < a.num_topk; k += 32) {
-      const int64_t id = src.expert(k);
-      const int64_t local = id - first_expert;
-      const bool here = id >= 0 && local >= 0 && local < a.experts_per_rank;
-      a.recv_topk[n * a.num_topk + k] = here ? local : -1;
-      if (a.recv_weights) a.recv_weights[n * a.num_topk + k] = here ? src.weight(k) : 0.f;
+  if (lane < ns) a.recv_scales[n * ns + lane] = s0;
+  if (lane + 32 < ns) a.recv_scales[n * ns + lane + 32] = s1;
+  for (int i = lane + 64; i < ns; i += 32) a.recv_scales[n * ns + i] = src.scale(i);
+  if (lane_ids) {
+    const int64_t local = id - first_expert;
+    const bool here = lane < K && id >= 0 && local >= 0 && local < a.experts_per_rank;
+    if (lane < K) {
+      a.recv_topk[n * K + lane] = here ? local : -1;
+      if (a.recv_weights) a.recv_weights[n * K + lane] = here ? weight : 0.f;
     }
-    if (lane == 0) {  // a row counts once per distinct local expert
-      for (int k = 0; k < a.num_topk; ++k) {
-        const int64_t id = src.expert(k);
-        const int64_t local = id - first_expert;
-        if (id < 0 || local < 0 || local >= a.experts_per_rank) continue;
+    bool seen = false;  // a row counts once per distinct local expert
+    for (int j = 0; j < K; ++j) {
+      const long long earlier = __shfl_sync(0xffffffffu, id, j);  // by every lane: not under the &&
+      seen |= j < lane && earlier == id;
+    }
+    if (here && !seen) atomicAdd(&hist[local], 1);
+  } else if (a.recv_topk) {
+    for (int k = lane; k < K; k += 32) {
+      const int64_t e = src.expert(k);
+      const int64_t local = e - first_expert;
+      const bool here = e >= 0 && local >= 0 && local < a.experts_per_rank;
+      a.recv_topk[n * K + k] = here ? local : -1;
+      if (a.recv_weights) a.recv_weights[n * K + k] = here ? src.weight(k) : 0.f;
+    }
+    if (lane == 0) {
+      for (int k = 0; k < K; ++k) {
+        const int64_t e = src.expert(k);
+        const int64_t local = e - first_expert;
+        if (e < 0 || local < 0 || local >= a.experts_per_rank) continue;
         bool seen = false;
-        for (int j = 0; j < k; ++j) seen |= src.expert(j) == id;
+        for (int j = 0; j < k; ++j) seen |= src.expert(j) == e;
         if (!seen) atomicAdd(&hist[local], 1);
       }
     }
   }
-  if (lane == 0) a.recv_src[n] = src.src();
+  if (lane == 0) a.recv_src[n] = source_token;
 }
 
 // The block's expert histogram into the per-expert counts (after a block barrier).

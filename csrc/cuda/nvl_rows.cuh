@@ -40,10 +40,10 @@ __host__ __device__ inline RowLayout dispatch_row_layout(int64_t payload, int nu
 // kernel (read through the non-coherent cache); false for rows a peer wrote this kernel.
 // kSkipL1 (with kReadOnly false): loads through L2 only (ld.global.cg), for rows a peer may still
 // be writing nearby while this SM reads (a 128-byte line can hold the ends of two rows).
-template <bool kReadOnly = true, bool kSkipL1 = false>
+// kUnroll: loads in flight per lane (4 registers each).
+template <bool kReadOnly = true, bool kSkipL1 = false, int kUnroll = 4>
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes,
                                           int lane) {
-  constexpr int kUnroll = 4;
   auto* d = reinterpret_cast<int4*>(dst);
   const auto* s = reinterpret_cast<const int4*>(src);
   const auto load = [](const int4* p) { return kReadOnly ? __ldg(p) : kSkipL1 ? __ldcg(p) : *p; };
