@@ -20,6 +20,7 @@ tensors), then calls one op; the ops check everything else. Differences from Dee
 import torch
 import torch.distributed as dist
 
+from . import _C
 from ._buffer_args import _check_handle_tuple, _check_tensor
 from .buffer_low_latency import LowLatencyMethods
 from .config import Config, check_positive_int
@@ -397,6 +398,10 @@ class Buffer(LowLatencyMethods):
                 self._event(async_finish, (x, x_scales, recv_x, recv_x_scales)),
             )
 
+        wants_counts = topk_idx is not None and num_worst_tokens == 0
+        if wants_counts:
+            # The NVLink kernels then count them in notify and leave them (csrc/dispatch_counts.h).
+            _C.request_dispatch_counts(self.group_name)
         outputs = ops.dispatch(
             x, x_scales, topk_idx, topk_weights, is_token_in_rank,
             num_experts, expert_alignment, num_worst_tokens, self.group_name,
@@ -404,7 +409,13 @@ class Buffer(LowLatencyMethods):
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts, rank_prefix_matrix, recv_src_idx = (
             outputs
         )
-        counts_list = counts.tolist() if topk_idx is not None and num_worst_tokens == 0 else []
+        counts_list = []
+        if wants_counts:
+            # The NVLink kernels leave the counts they read at their sync (csrc/dispatch_counts.h);
+            # otherwise tolist() waits for the device tensor.
+            counts_list = _C.take_dispatch_counts(self.group_name)
+            if counts_list is None:
+                counts_list = counts.tolist()
         handle = (rank_prefix_matrix, recv_src_idx, is_token_in_rank)
         event = self._event(async_finish, (x, x_scales, topk_idx, topk_weights, *outputs))
         return (

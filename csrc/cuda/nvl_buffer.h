@@ -24,6 +24,9 @@ constexpr int64_t kControlBytes = 64 * 1024;
 // Row-chunk counters per source of the overlapped dispatch (nvl_dispatch_overlap.cu): a source's
 // stream of rows to us is cut into at most this many chunks.
 constexpr int kMaxDispatchChunks = 512;
+// Exact-mode dispatch counts each rank's received tokens per local expert in notify (the host
+// reads them with the totals) for groups with at most this many experts per rank.
+constexpr int kMaxNotifyExperts = 512;
 
 // Control words, all uint64; peers write the per-source slots [kMaxNvlRanks].
 struct Control {
@@ -37,6 +40,8 @@ struct Control {
   uint64_t combine_arrivals[kMaxNvlRanks];
   uint64_t combine_freed[kMaxNvlRanks];
   int32_t counts[kMaxNvlRanks][kMaxNvlRanks];     // counts[s][d]: tokens source s sends to d
+  int32_t expert_counts[kMaxNvlRanks][kMaxNotifyExperts];  // [s][e]: s's tokens for our expert e
+  uint64_t expert_counts_epoch[kMaxNvlRanks];     // the dispatch epoch of s's expert_counts
   // Overlapped dispatch: rows of chunk k that source s has written into our dispatch region this
   // epoch (peers add, our receive resets it to 0 once the chunk is complete, before freed).
   uint64_t dispatch_chunk_rows[kMaxNvlRanks][kMaxDispatchChunks];

@@ -48,6 +48,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
+
 #include "nvl_buffer.h"
 #include "nvl_dispatch.h"
 #include "nvl_dispatch_overlap.h"
@@ -65,10 +67,62 @@ constexpr int kRecvBlocks = kDispatchRecvBlocks;  // the freed ticket counts the
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
+// The tokens per expert (of all experts) among ours: a token counts once per distinct expert.
+// A thread takes two tokens per round with all their ids loaded together (one memory latency per
+// round: at 4096 tokens, two rounds instead of four). Ends with a block barrier.
+__device__ __forceinline__ void count_expert_tokens(const int64_t* topk, int num_tokens, int num_topk,
+                                                    int num_experts, int32_t* hist) {
+  constexpr int kUnrolledTopk = 8, kTokensPerRound = 2;
+  for (int i = threadIdx.x; i < num_experts; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
+  const auto count = [&](int64_t e, bool seen) {
+    if (e >= 0 && e < num_experts && !seen) atomicAdd(&hist[e], 1);
+  };
+  const int stride = blockDim.x;
+  for (int t0 = threadIdx.x; t0 < num_tokens; t0 += kTokensPerRound * stride) {
+    if (num_topk <= kUnrolledTopk) {
+      int64_t ids[kTokensPerRound][kUnrolledTopk];
+#pragma unroll
+      for (int b = 0; b < kTokensPerRound; ++b) {
+        const int t = t0 + b * stride;
+        const int64_t* row = topk + static_cast<int64_t>(t) * num_topk;
+#pragma unroll
+        for (int k = 0; k < kUnrolledTopk; ++k) ids[b][k] = t < num_tokens && k < num_topk ? __ldg(row + k) : -1;
+      }
+#pragma unroll
+      for (int b = 0; b < kTokensPerRound; ++b) {
+#pragma unroll
+        for (int k = 0; k < kUnrolledTopk; ++k) {
+          bool seen = false;
+#pragma unroll
+          for (int j = 0; j < k; ++j) seen |= ids[b][j] == ids[b][k];
+          count(ids[b][k], seen);
+        }
+      }
+      continue;
+    }
+    for (int t = t0; t < num_tokens && t < t0 + kTokensPerRound * stride; t += stride) {
+      const int64_t* row = topk + static_cast<int64_t>(t) * num_topk;
+      for (int k = 0; k < num_topk; ++k) {
+        bool seen = false;
+        for (int j = 0; j < k; ++j) seen |= row[j] == row[k];
+        count(row[k], seen);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// count_experts (exact mode with top-k only): also count, per local expert, the tokens every
+// source sends us, into totals_out[R ...] (the host reads them with the totals: Buffer.dispatch's
+// list of counts without a second sync). experts_per_rank <= kMaxNotifyExperts. A flag, not
+// topk's nullness: a rank with no tokens has a null topk and must still post its (zero) counts.
 __global__ void __launch_bounds__(kScanThreads) notify_kernel(
     PeerView v, const bool* in_rank, int num_tokens, const int32_t* given_prefix,
-    int32_t* prefix_out, int32_t* totals_out, int32_t* positions, int32_t* own_tokens) {
+    int32_t* prefix_out, int32_t* totals_out, int32_t* positions, int32_t* own_tokens,
+    bool count_experts, const int64_t* topk, int num_topk, int experts_per_rank) {
   __shared__ int32_t counts[kMaxNvlRanks];
+  __shared__ int32_t expert_hist[kMaxNvlRanks * kMaxNotifyExperts];
   __shared__ uint64_t epoch;
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x;
   Control* mine = v.control(me);
@@ -90,9 +144,17 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
   if (!block_waits_ok(ok)) return;
 
   if (given_prefix == nullptr) {
+    if (count_experts) {  // each destination's slice of our histogram, before its counts flag
+      count_expert_tokens(topk, num_tokens, num_topk, R * experts_per_rank, expert_hist);
+      for (int i = tid; i < R * experts_per_rank; i += blockDim.x) {
+        v.control(i / experts_per_rank)->expert_counts[me][i % experts_per_rank] = expert_hist[i];
+      }
+      __syncthreads();  // every thread's writes before the flags (the fence below is cumulative)
+    }
     if (tid < R) {
       Control* peer = v.control(tid);
       for (int j = 0; j < R; ++j) peer->counts[me][j] = counts[j];
+      if (count_experts) peer->expert_counts_epoch[me] = cur;
       fence_system();
       store_release(&peer->counts_ready[me], cur);
       ok = wait_at_least(v.watchdog, &mine->counts_ready[tid], cur, me, tid, kWaitDispatchCounts);
@@ -105,6 +167,17 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
         prefix_out[i * R + tid] = running;
       }
       totals_out[tid] = running;
+    }
+    // Only when every source counted this epoch (a rank whose caller did not ask posts none):
+    // else -1, and the host leaves no counts.
+    bool every_source_counted = true;
+    for (int s = 0; count_experts && s < R; ++s) {
+      every_source_counted &= *reinterpret_cast<volatile uint64_t*>(&mine->expert_counts_epoch[s]) == cur;
+    }
+    for (int e = tid; count_experts && e < experts_per_rank; e += blockDim.x) {
+      int32_t sum = 0;
+      for (int s = 0; s < R; ++s) sum += *reinterpret_cast<volatile int32_t*>(&mine->expert_counts[s][e]);
+      totals_out[R + e] = every_source_counted ? sum : -1;
     }
   } else if (tid < R) {  // cached dispatch: the handle's prefix matrix has the counts
     totals_out[tid] = given_prefix[(R - 1) * R + tid];
@@ -187,7 +260,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                                const at::Tensor& is_token_in_rank, int64_t num_experts,
                                int64_t expert_alignment, int64_t num_worst_tokens,
                                const std::optional<at::Tensor>& given_prefix,
-                               int64_t given_rows, bool routing_only) {
+                               int64_t given_rows, bool routing_only, bool host_counts) {
   c10::cuda::CUDAGuard guard(x_in.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int R = v.num_ranks, me = v.rank;
@@ -212,7 +285,11 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   // notify
   auto prefix = given_prefix.has_value() ? given_prefix->contiguous()
                                          : at::empty({R, R}, int_options);
-  auto totals = at::empty({R}, int_options);
+  // Exact mode with top-k: notify also counts our tokens per local expert (after the totals).
+  const bool notify_counts =
+      host_counts && exact && num_topk > 0 && !routing_only && per_rank <= kMaxNotifyExperts;
+  auto totals = at::empty({R + (notify_counts ? per_rank : 0)}, int_options);
+  auto idx = topk_idx.has_value() ? std::optional<at::Tensor>(topk_idx->contiguous()) : std::nullopt;
   auto positions = at::empty({num_tokens, R}, int_options);
   // The overlapped kernel copies our rows to ourselves from x (not through our own buffer): it
   // needs the token of each of those rows. Not with routing_only: dispatch_permuted's copy reads
@@ -223,11 +300,13 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
       v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
       given_prefix.has_value() ? prefix.data_ptr<int32_t>() : nullptr,
       given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(), totals.data_ptr<int32_t>(),
-      positions.data_ptr<int32_t>(), self_direct ? own_tokens.data_ptr<int32_t>() : nullptr);
+      positions.data_ptr<int32_t>(), self_direct ? own_tokens.data_ptr<int32_t>() : nullptr,
+      notify_counts, notify_counts ? idx->data_ptr<int64_t>() : nullptr, num_topk, static_cast<int>(per_rank));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Output rows: exact mode reads the totals (the host sync of exact mode); worst-token mode and
   // cached dispatch know them already. Every rank sees every total, so all fail alike.
+  NvlDispatchResult out;
   int64_t num_rows = given_rows >= 0 ? given_rows : num_worst_tokens;
   if (exact) {
     auto host_totals = totals.cpu();
@@ -243,6 +322,10 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                         kControlBytes + 2 * most * row.bytes());
     }
     num_rows = t[me];
+    if (notify_counts && std::all_of(t + R, t + R + per_rank, [](int32_t c) { return c >= 0; })) {
+      out.host_expert_counts.assign(t + R, t + R + per_rank);
+      for (auto& c : out.host_expert_counts) c = (c + expert_alignment - 1) / expert_alignment * expert_alignment;
+    }
   }
   TORCH_CHECK_VALUE(num_rows <= capacity_rows, "ep_ops.dispatch: the NVLink buffer holds ",
                     capacity_rows, " rows of ", row.bytes(), " bytes, this call may need ",
@@ -250,7 +333,6 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                     kControlBytes + 2 * num_rows * row.bytes());
 
   // send
-  auto idx = topk_idx.has_value() ? std::optional<at::Tensor>(topk_idx->contiguous()) : std::nullopt;
   auto w = has_weights ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
   auto s = x_scales.has_value() ? std::optional<at::Tensor>(x_scales->contiguous()) : std::nullopt;
   DispatchSendArgs send{static_cast<const uint8_t*>(x.data_ptr()), bytes_of(s), bytes_of(idx), bytes_of(w),
@@ -259,7 +341,6 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                 has_weights ? 4LL * num_topk : 0};
 
   // recv
-  NvlDispatchResult out;
   const bool copy_rows = !routing_only;
   out.recv_x = at::empty(copy_rows ? at::IntArrayRef{num_rows, hidden} : at::IntArrayRef{0}, x.options());
   out.recv_x_scales = at::empty(s.has_value() && copy_rows ? at::IntArrayRef{num_rows, num_scales} : at::IntArrayRef{0},

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 #include "nvl_buffer.h"
 
@@ -16,6 +17,9 @@ constexpr int kDispatchRecvBlocks = 256;
 struct NvlDispatchResult {
   at::Tensor recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert,
       rank_prefix_matrix, recv_src_idx;
+  // Exact mode with top-k (and at most kMaxNotifyExperts local experts): the same values as
+  // num_recv_tokens_per_expert, read on the host with the totals; empty otherwise.
+  std::vector<int64_t> host_expert_counts;
 };
 
 // Whether the NVLink kernels take these inputs (16-byte rows, at most kMaxNvlRanks ranks);
@@ -26,7 +30,9 @@ bool nvl_dispatch_supported(const at::Tensor& x, const std::optional<at::Tensor>
 // Dispatch (given_prefix empty, given_rows < 0) or cached dispatch (the handle's prefix matrix
 // and its row count). Inputs are checked by the caller. routing_only (dispatch_permuted): no
 // recv_x / recv_x_scales; the rows stay in the buffer, which stays held until the caller's
-// permuted copy posts the freed flags (nvl_dispatch_permuted).
+// permuted copy posts the freed flags (nvl_dispatch_permuted). host_counts (exact mode with
+// top-k, at most kMaxNotifyExperts experts per rank): notify also counts the received tokens per
+// local expert, into host_expert_counts (dispatch_counts.h says why).
 NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x,
                                const std::optional<at::Tensor>& x_scales,
                                const std::optional<at::Tensor>& topk_idx,
@@ -34,7 +40,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x,
                                const at::Tensor& is_token_in_rank, int64_t num_experts,
                                int64_t expert_alignment, int64_t num_worst_tokens,
                                const std::optional<at::Tensor>& given_prefix, int64_t given_rows,
-                               bool routing_only = false);
+                               bool routing_only = false, bool host_counts = false);
 
 // dispatch_permuted: dispatch's notify and send kernels, the routing columns of the received
 // rows, the permute map built on the device (ATen; no host sync when num_out > 0 or

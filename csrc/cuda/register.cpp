@@ -4,8 +4,11 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <utility>
+
 #include "../collective/checks.h"
 #include "../collective/ops.h"
+#include "../dispatch_counts.h"
 #include "nvl_buffer.h"
 #include "nvl_dispatch.h"
 
@@ -40,7 +43,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
   TORCH_CHECK_VALUE(num_worst_tokens >= 0, "ep_ops.dispatch: num_worst_tokens must be >= 0, got ",
                     num_worst_tokens);
   auto r = nvl_dispatch(*view, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts,
-                        expert_alignment, num_worst_tokens, std::nullopt, -1);
+                        expert_alignment, num_worst_tokens, std::nullopt, -1, /*routing_only=*/false,
+                        /*host_counts=*/take_dispatch_counts_request(group_name));
+  if (!r.host_expert_counts.empty()) leave_dispatch_counts(group_name, std::move(r.host_expert_counts));
   return {r.recv_x,      r.recv_x_scales, r.recv_topk_idx, r.recv_topk_weights,
           r.num_recv_tokens_per_expert, r.rank_prefix_matrix, r.recv_src_idx};
 }

@@ -4,6 +4,7 @@ valid on GPU_RANKS ranks by ``for_world``, each run twice), and a captured CUDA 
 worst-token dispatch -> expert -> combine that replays correctly while the routing changes.
 Skipped without GPU_RANKS GPUs."""
 
+import functools
 import os
 
 import pytest
@@ -15,7 +16,7 @@ from test_ops_vs_reference import NORMAL_CASES, normal_worker
 
 from ep_ops.launch import parallel_launch
 from ep_ops.nvl import init_nvl_buffer, nvl_bytes_needed
-from ep_ops.reference import reference_combine, reference_dispatch
+from ep_ops.reference import reference_combine, reference_dispatch, reference_layout
 
 pytestmark = [pytest.mark.gpu, needs_gpu_ranks]
 
@@ -158,6 +159,61 @@ def exact_mode_limits_worker(rank, world_size, group_name):
 
 def test_exact_mode_capacity_error_and_capture_refusal():
     parallel_launch(GPU_RANKS, exact_mode_limits_worker, backend="nccl", device="cuda", timeout=300)
+
+
+def host_counts_worker(rank, world_size, group_name):
+    """The per-expert counts an exact-mode dispatch leaves for Buffer.dispatch when asked (notify
+    counts them, csrc/dispatch_counts.h) equal the reference's, repeated experts in a row counted
+    once and expert_alignment applied; unasked, worst-token mode and more than 512 experts per rank
+    leave none (Buffer.dispatch then reads the device tensor). Rank 0 alone asking once more: the
+    other ranks post no counts, so it is left none rather than wrong ones."""
+    from ep_ops import _C
+
+    ops = torch.ops.ep_ops
+    buffer = init_nvl_buffer(dist.group.WORLD, NVL_BYTES)
+    for per_rank, alignment, worst in ((4, 1, 0), (32, 4, 0), (4, 1, 48 * world_size), (600, 1, 0)):
+        case = for_world(
+            Case(hidden=256, num_topk=3, num_experts=per_rank * world_size, num_tokens=48, seed=per_rank),
+            world_size,
+        )
+        inputs = all_inputs(case, world_size)
+        for i in inputs:  # token 0 names its first expert twice: it counts once
+            i["topk_idx"][0, 1] = i["topk_idx"][0, 0]
+            i["is_token_in_rank"] = reference_layout(i["topk_idx"], case.num_experts, world_size)[2]
+        expected = reference_dispatch(
+            [i["x"] for i in inputs], None, [i["topk_idx"] for i in inputs],
+            [i["topk_weights"] for i in inputs], [i["is_token_in_rank"] for i in inputs],
+            case.num_experts, alignment, worst,
+        )[rank]  # fmt: skip
+        me = {k: v.cuda() for k, v in inputs[rank].items() if v is not None}
+
+        dispatch = functools.partial(
+            ops.dispatch, me["x"], None, me["topk_idx"], me["topk_weights"], me["is_token_in_rank"],
+            case.num_experts, alignment, worst, group_name,
+        )  # fmt: skip
+
+        dispatch()  # not asked for: a raw call leaves nothing
+        assert _C.take_dispatch_counts(group_name) is None, f"rank {rank}: left counts unasked"
+        _C.request_dispatch_counts(group_name)
+        out = dispatch()
+        left = _C.take_dispatch_counts(group_name)
+        what = f"rank {rank}, {per_rank} experts per rank, alignment {alignment}, worst {worst}"
+        assert_same(out[4], expected[4], f"{what}: num_recv_tokens_per_expert")
+        if worst or per_rank > 512:
+            assert left is None, f"{what}: left {left}"
+        else:
+            assert left == expected[4].tolist(), f"{what}: left {left}, expected {expected[4].tolist()}"
+        assert _C.take_dispatch_counts(group_name) is None, f"{what}: taken twice"
+        if world_size > 1:
+            if rank == 0:
+                _C.request_dispatch_counts(group_name)
+            dispatch()
+            assert _C.take_dispatch_counts(group_name) is None, f"{what}: left counts not every rank made"
+    del buffer
+
+
+def test_exact_mode_leaves_host_counts():
+    parallel_launch(GPU_RANKS, host_counts_worker, backend="nccl", device="cuda", timeout=300)
 
 
 def opcheck_and_compile_worker(rank, world_size, group_name):
