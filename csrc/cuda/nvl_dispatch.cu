@@ -32,7 +32,8 @@
 // stream (C rows over 16 warps: ~1-3 us) and one launch less: ~25 + ~160-190 = ~185-215 us for
 // BF16 (target <= 200), ~25 + ~85-100 = ~110-125 us for FP8 (target <= 120).
 // What it costs: one fence + release-add over NVLink per (token, destination) row, by one lane of
-// the sending warp (the warp waits for its writes to land: ~1-2 us, hidden by the other warps);
+// the sending warp (the warp waits for its writes to land: ~1-2 us, spent while its next token's
+// loads are in flight, and hidden by the other warps);
 // per chunk a spin by one thread and a block barrier on the receiver; 32 KB of chunk counters in
 // the control region; S + Q = 96 SMs busy for the whole send instead of 132 SMs in two phases;
 // the receive blocks spin while they wait (local L2 polls).

@@ -1,7 +1,9 @@
 // Dispatch's per-row work, shared by the two kernel shapes (nvl_dispatch.cu: separate send and
 // receive kernels; nvl_dispatch_overlap.cu: one kernel with send and receive blocks), so both
-// write the same bytes: a warp sends one token's row to one destination, a warp turns one row of
-// the local buffer into the outputs. All forceinline: the kernels pass members of their argument
+// write the same bytes: a warp sends one token's row to each of its destinations, a warp turns
+// one row of the local buffer into the outputs. Both copies issue a row's loads before its
+// stores (BENCHMARKS.md, session 8: a load may not pass an earlier store, so a copy that
+// alternates them pays one memory latency per round). All forceinline: the kernels pass members of their argument
 // structs, which a call out of line would copy to local memory.
 #pragma once
 
