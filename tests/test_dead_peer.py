@@ -15,7 +15,6 @@ rank 1 has not called ep_ops.dispatch within the process group's timeout ...`` f
 gloo's own message.
 """
 
-import json
 import os
 import re
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from outcomes import read_outcomes, write_outcome
 
 from ep_ops.launch import parallel_launch
 
@@ -109,8 +109,7 @@ def peer_worker(rank, num_ranks, group_name, op_name, fault, out_dir, via_buffer
         outcome = {"raised": None, "message": "", "elapsed": time.monotonic() - start}
     except Exception as error:  # noqa: BLE001  (recorded and checked by the test)
         outcome = {"raised": type(error).__name__, "message": str(error), "elapsed": time.monotonic() - start}
-    (out / f"rank{rank}.json.tmp").write_text(json.dumps(outcome))
-    (out / f"rank{rank}.json.tmp").rename(out / f"rank{rank}.json")
+    write_outcome(out, rank, outcome)
     return "survived"
 
 
@@ -128,13 +127,7 @@ def run_fault(tmp_path, num_ranks, op_name, fault, pg_timeout, via_buffer=False)
         # A dead rank fails the launch; the survivors' outcomes are in their files.
         assert fault == "dead" and f"rank(s) [{LATE}]" in str(error), str(error)
     assert time.monotonic() - start < LAUNCH_TIMEOUT
-    outcomes = {}
-    for rank in range(num_ranks):
-        if rank != LATE:
-            path = tmp_path / f"rank{rank}.json"
-            assert path.exists(), f"rank {rank} did not report: it hung or was stopped"
-            outcomes[rank] = json.loads(path.read_text())
-    return outcomes
+    return read_outcomes(tmp_path, [rank for rank in range(num_ranks) if rank != LATE])
 
 
 def check_raised(outcomes: dict, pg_timeout: float, fault: str) -> None:

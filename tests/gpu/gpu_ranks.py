@@ -1,6 +1,6 @@
 """How many ranks the GPU tests launch: EP_OPS_GPU_RANKS (default 2), at most the visible GPUs.
 scripts/gpu_check.sh runs the suite once per rank count the machine has (2, 4, 8). Also the
-helpers the dead-peer tests share."""
+store barrier the dead-peer tests share."""
 
 import os
 
@@ -24,14 +24,3 @@ def store_barrier(name: str, num_ranks: int) -> None:
     store.add(name, 1)
     while int(store.add(name, 0)) < num_ranks:
         time.sleep(0.01)
-
-
-def write_outcome(out_dir: str, rank: int, outcome: dict) -> None:
-    """What a surviving rank saw, as out_dir/rank{rank}.json (written whole, then renamed): a
-    launch with a dead rank fails, so survivors report through files."""
-    import json
-    from pathlib import Path
-
-    path = Path(out_dir) / f"rank{rank}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(outcome))
-    path.with_suffix(".tmp").rename(path)

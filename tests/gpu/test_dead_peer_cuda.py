@@ -14,14 +14,14 @@ A second launch has the last rank exit (as if crashed) after the first round tri
 write what they saw to files, since a dead rank fails the launch itself.
 """
 
-import json
 import os
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from gpu_ranks import GPU_RANKS, needs_gpu_ranks, store_barrier, write_outcome
+from gpu_ranks import GPU_RANKS, needs_gpu_ranks, store_barrier
+from outcomes import read_outcomes, write_outcome
 
 from ep_ops.launch import parallel_launch
 
@@ -196,10 +196,7 @@ def test_crashed_peer_raises_on_every_other_rank(tmp_path):
         parallel_launch(
             GPU_RANKS, crashed_peer_worker, str(tmp_path), backend="nccl", device="cuda", timeout=120
         )
-    for rank in range(late):
-        path = tmp_path / f"rank{rank}.json"
-        assert path.exists(), f"rank {rank} did not report: it hung or was stopped"
-        seen = json.loads(path.read_text())
+    for rank, seen in read_outcomes(tmp_path, range(late)).items():
         error = seen.get("error", "")
         assert f"rank {rank} waited" in error and f"for rank {late} (" in error, seen
         assert "low-latency dispatch: the peer's rows" in error, seen

@@ -8,13 +8,13 @@ store, aborts the group's communicators and raises. tests/test_dead_peer.py runs
 over gloo on CPU (EP_OPS_HEADER_EXCHANGE=all_to_all).
 """
 
-import json
 import os
 import time
 
 import pytest
 import torch
-from gpu_ranks import GPU_RANKS, needs_gpu_ranks, store_barrier, write_outcome
+from gpu_ranks import GPU_RANKS, needs_gpu_ranks, store_barrier
+from outcomes import read_outcomes, write_outcome
 
 from ep_ops.launch import parallel_launch
 
@@ -108,10 +108,7 @@ def test_dead_peer_named_before_the_watchdog(tmp_path):
             backend="nccl", device="cuda", timeout=120, pg_timeout=PG_TIMEOUT_S,
             failure_grace=PG_TIMEOUT_S + SLACK_S,  # the survivors raise only at GIVE_UP_S
         )  # fmt: skip
-    for rank in range(late):
-        path = tmp_path / f"rank{rank}.json"
-        assert path.exists(), f"rank {rank} did not report: it hung or was stopped"
-        seen = json.loads(path.read_text())
+    for rank, seen in read_outcomes(tmp_path, range(late)).items():
         error = seen.get("error", "")
         assert f"ep_ops.dispatch: rank {rank}" in error and f"rank {late}" in error, seen
         assert "header exchange" in error, seen
