@@ -49,12 +49,6 @@ struct DispatchRecvArgs {
   const int32_t* own_tokens;
 };
 
-// Token t's row index in destination d's dispatch region: rows of lower sources first.
-__device__ __forceinline__ int64_t dispatch_row_index(const DispatchSendArgs& a, int me, int R, int t,
-                                                      int d) {
-  return rows_before(a.prefix, R, me, d) + a.positions[static_cast<int64_t>(t) * R + d];
-}
-
 // Where token t's rows go, lane d < R describing destination d: the row's address in d's region,
 // null when t's row does not go there (not routed to d, a row to ourselves that skips the buffer,
 // or past the region, which the host's checks rule out); `pos` is t's index among our tokens for d.
