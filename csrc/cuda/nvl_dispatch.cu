@@ -114,10 +114,11 @@ __device__ __forceinline__ void count_expert_tokens(const int64_t* topk, int num
   __syncthreads();
 }
 
-// count_experts (exact mode with top-k only): also count, per local expert, the tokens every
-// source sends us, into totals_out[R ...] (the host reads them with the totals: Buffer.dispatch's
-// list of counts without a second sync). experts_per_rank <= kMaxNotifyExperts. A flag, not
-// topk's nullness: a rank with no tokens has a null topk and must still post its (zero) counts.
+// count_experts (exact mode with top-k, when the caller asked: dispatch_counts.h): also count,
+// per local expert, the tokens every source sends us, into totals_out[R ...] (the host reads them
+// with the totals: Buffer.dispatch's list of counts without a second sync). experts_per_rank <=
+// kMaxNotifyExperts. A flag, not topk's nullness: a rank with no tokens has a null topk and must
+// still post its (zero) counts.
 __global__ void __launch_bounds__(kScanThreads) notify_kernel(
     PeerView v, const bool* in_rank, int num_tokens, const int32_t* given_prefix,
     int32_t* prefix_out, int32_t* totals_out, int32_t* positions, int32_t* own_tokens,
@@ -286,7 +287,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   // notify
   auto prefix = given_prefix.has_value() ? given_prefix->contiguous()
                                          : at::empty({R, R}, int_options);
-  // Exact mode with top-k: notify also counts our tokens per local expert (after the totals).
+  // Exact mode with top-k, when asked: notify also counts the tokens per local expert.
   const bool notify_counts =
       host_counts && exact && num_topk > 0 && !routing_only && per_rank <= kMaxNotifyExperts;
   auto totals = at::empty({R + (notify_counts ? per_rank : 0)}, int_options);
