@@ -24,6 +24,9 @@ constexpr int64_t kControlBytes = 64 * 1024;
 // Row-chunk counters per source of the overlapped dispatch (nvl_dispatch_overlap.cu): a source's
 // stream of rows to us is cut into at most this many chunks.
 constexpr int kMaxDispatchChunks = 512;
+// The same for the overlapped combine (nvl_combine_overlap.cu): the rows a rank sends back to a
+// source form a stream of at most this many chunks.
+constexpr int kMaxCombineChunks = 128;
 // Exact-mode dispatch counts each rank's received tokens per local expert in notify (the host
 // reads them with the totals) for groups with at most this many experts per rank.
 constexpr int kMaxNotifyExperts = 512;
@@ -45,6 +48,9 @@ struct Control {
   // Overlapped dispatch: rows of chunk k that source s has written into our dispatch region this
   // epoch (peers add, our receive resets it to 0 once the chunk is complete, before freed).
   uint64_t dispatch_chunk_rows[kMaxNvlRanks][kMaxDispatchChunks];
+  // Overlapped combine: rows of chunk k that rank d has written back into our combine region
+  // this epoch (peers add, our last receive block resets them to 0 before freed).
+  uint64_t combine_chunk_rows[kMaxNvlRanks][kMaxCombineChunks];
 };
 static_assert(sizeof(Control) <= kControlBytes - kTrippedOffsetFromControlEnd);
 
@@ -61,6 +67,17 @@ struct PeerView {
     return base[r] + kControlBytes + region_bytes;
   }
 };
+
+// Rank r's buffer, for an r known only at run time (constant indices: a dynamic index into the
+// kernel's PeerView argument would copy the whole struct to local memory).
+__device__ __forceinline__ uint8_t* peer_base(const PeerView& v, int r) {
+  uint8_t* base = nullptr;
+#pragma unroll
+  for (int i = 0; i < kMaxNvlRanks; ++i) {
+    if (i == r) base = v.base[i];
+  }
+  return base;
+}
 
 // Allocates and rendezvous the group's buffer of one kind (collective over the group), keeps it
 // in the registry and returns the local tensor. num_bytes covers control and data.

@@ -11,6 +11,18 @@
 // straight from x, where they already are. At 2 ranks that halves the send kernel's writes
 // (half the rows stay on the rank) and saves reading them back: one local copy of ~58 MB less
 // each way on the reference workload.
+//
+// Two shapes of send + recv, with the same outputs bit for bit (nvl_combine_rows.cuh has the
+// per-row code both use):
+//   overlapped (default; nvl_combine_overlap.cu): ONE kernel of S send blocks + Q receive blocks
+//       (64 + 64 by default, all resident at once); a token is summed as soon as the chunk of each
+//       stream that holds its rows has landed, while the rest still crosses NVLink.
+//   separate (EP_OPS_NVL_OVERLAP=0, or when S + Q blocks cannot all be resident): send kernel
+//       (256 blocks) then recv kernel (256 blocks), which waits for every send block of every
+//       destination before its first sum.
+// EP_OPS_NVL_COMBINE_SEND_BLOCKS (a divisor of 256) / EP_OPS_NVL_COMBINE_RECV_BLOCKS (1..256)
+// size the overlapped kernel for tuning. A/B: EP_OPS_NVL_OVERLAP=0 python3 -m ep_ops.bench
+// against python3 -m ep_ops.bench (the switch covers dispatch too: compare the combine rows).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -19,25 +31,17 @@
 #include <cuda_fp16.h>
 
 #include "nvl_buffer.h"
-#include "nvl_convert.cuh"
+#include "nvl_combine_overlap.h"
+#include "nvl_combine_rows.cuh"
 #include "nvl_dispatch.h"
-#include "nvl_permute.cuh"
 #include "nvl_positions.cuh"
-#include "nvl_rows.cuh"
 #include "nvl_signals.cuh"
 
 namespace ep_ops::cuda {
 namespace {
 
-constexpr int kSendBlocks = 256;
-constexpr int kRecvBlocks = 256;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-
-// Rows source `s` sent to rank `d` in the dispatch, from the prefix matrix.
-__device__ __forceinline__ int32_t sent(const int32_t* prefix, int R, int s, int d) {
-  return prefix[s * R + d] - rows_before(prefix, R, s, d);
-}
 
 // Opens the epoch once every source consumed our previous rows, and computes our tokens' slots.
 __global__ void __launch_bounds__(kScanThreads) begin_kernel(PeerView v, const bool* in_rank,
@@ -52,19 +56,8 @@ __global__ void __launch_bounds__(kScanThreads) begin_kernel(PeerView v, const b
   if (tid == 0) mine->combine_epoch = cur;
 }
 
-struct SendArgs {
-  const uint8_t* x;
-  const uint8_t* weights;
-  const int32_t* prefix;
-  int64_t payload, weight_bytes, row_bytes;
-  const int64_t* pair_slot;  // combine_permuted: [N, num_pairs]; x is h, weights are probs [P]
-  int num_pairs;
-  bool self_direct;  // our own rows stay in x: recv reads them there (combine, not _permuted)
-};
-
-
 template <typename T>
-__global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) {
+__global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, CombineSendArgs a) {
   if (watchdog_tripped(v.watchdog)) return;  // begin gave up: the peers may still read our rows
   const int me = v.rank, R = v.num_ranks, lane = threadIdx.x % 32;
   const int64_t num_valid = a.prefix[(R - 1) * R + me];
@@ -77,20 +70,9 @@ __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) 
     int s = 0;
     while (a.prefix[s * R + me] <= n) ++s;  // the source rank of row n
     const int64_t index = n - rows_before(a.prefix, R, s, me);
-    int64_t block = 0;  // rows source s sent to ranks below us come first in its region
-    for (int d = 0; d < me; ++d) block += sent(a.prefix, R, s, d);
-    uint8_t* dst = v.combine_region(s) + (block + index) * a.row_bytes;
-    if (a.pair_slot) {
-      const int64_t* slots = a.pair_slot + n * a.num_pairs;
-      warp_sum_pairs<T>(dst, a.x, slots, a.num_pairs, a.payload, lane);
-      if (a.weights) {
-        warp_gather_pairs(reinterpret_cast<float*>(dst + a.payload), reinterpret_cast<const float*>(a.weights),
-                          slots, a.num_pairs, lane);
-      }
-      continue;
-    }
-    warp_copy(dst, a.x + n * a.payload, a.payload, lane);
-    if (a.weights) warp_copy_words(dst + a.payload, a.weights + n * a.weight_bytes, a.weight_bytes, lane);
+    uint8_t* dst = v.combine_region(s) + (combine_stream_start(a.prefix, R, s, me) + index) * a.row_bytes;
+    // 4 loads in flight per lane (the old warp_copy's depth): 256 blocks keep rows enough in flight.
+    combine_send_row<T, 4>(a, n, dst, lane, [] {});
   }
   __syncthreads();
   if (threadIdx.x < R) {
@@ -99,134 +81,39 @@ __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, SendArgs a) 
   }
 }
 
-struct RecvArgs {
-  uint8_t* out;
-  float* out_weights;
-  const uint8_t* bias_0;
-  const uint8_t* bias_1;
-  const bool* in_rank;
-  const int32_t* positions;
-  const int32_t* prefix;
-  int num_tokens, num_topk;
-  int64_t payload, row_bytes;
-  // self_direct: our own rows are read from x (payload) and weights (weight_bytes per row).
-  const uint8_t* x;
-  const uint8_t* weights;
-  int64_t weight_bytes;
-};
-
-// Where token t's row from destination d is: its payload and (if sent) its weights.
-struct RowAt {
-  const uint8_t* payload;
-  const float* weights;
-};
-
-// kMaxRanks: R <= kMaxRanks (an instance for 2 ranks keeps every row of a round in registers).
-// A lane sums kUnroll 16-byte chunks of the token per round, with the loads of all of them (from
-// every destination and both biases) issued before any sum: one memory latency per round instead
-// of one per chunk (a load may not pass the previous chunk's store, which the compiler cannot
-// tell apart from it).
-// More ranks: one chunk per round (its R + 2 loads together); either instance runs one block per
-// SM (the old loop, a load at a time, fit two).
+// Waits for every destination's send blocks, then sums our tokens (nvl_combine_rows.cuh).
 template <typename T, int kMaxRanks>
-__global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, RecvArgs a) {
-  constexpr int kElems = 16 / sizeof(T);
-  constexpr int kUnroll = kMaxRanks <= 2 ? 4 : 1;
+__global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, CombineRecvArgs a) {
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32;
   Control* mine = v.control(me);
   const uint64_t cur = mine->combine_epoch;
   const bool ok = tid >= R || wait_at_least(v.watchdog, &mine->combine_arrivals[tid],
-                                            cur * kSendBlocks, me, tid, kWaitCombineRows);
+                                            cur * kCombineSendBlocks, me, tid, kWaitCombineRows);
   if (!block_waits_ok(ok)) return;
-
-  int64_t block[kMaxNvlRanks];  // where each destination's rows start in our region
-  int64_t running = 0;
-  for (int d = 0; d < R; ++d) {
-    block[d] = running;
-    running += sent(a.prefix, R, me, d);
-  }
-  const int64_t own_begin = rows_before(a.prefix, R, me, me);  // our rows in x (self_direct)
-  const uint8_t* region = v.combine_region(me);
-  const auto row_at = [&](int64_t token, int d) {
-    const int64_t position = a.positions[token * R + d];
-    if (a.x != nullptr && d == me) {
-      const int64_t n = own_begin + position;
-      return RowAt{a.x + n * a.payload, reinterpret_cast<const float*>(a.weights + n * a.weight_bytes)};
-    }
-    const uint8_t* row = region + (block[d] + position) * a.row_bytes;
-    return RowAt{row, reinterpret_cast<const float*>(row + a.payload)};
-  };
+  const CombinePlaces places = combine_places(v, a);
   for (int t = blockIdx.x * kWarps + tid / 32; t < a.num_tokens; t += gridDim.x * kWarps) {
-    const int64_t token = t;
-    const uint8_t* rows[kMaxRanks];  // the token's row from each destination, null if none
-#pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      rows[d] = d < R && a.in_rank[token * R + d] ? row_at(token, d).payload : nullptr;
-    }
-    const uint8_t* biases[2] = {a.bias_0 ? a.bias_0 + token * a.payload : nullptr,
-                                a.bias_1 ? a.bias_1 + token * a.payload : nullptr};
-    const int64_t n = a.payload / 16;
-    for (int64_t first = lane; first < n; first += 32 * kUnroll) {
-      // Every load of the round first (rows, then biases), then the sums in the fixed order.
-      int4 raw[kMaxRanks + 2][kUnroll];
-#pragma unroll
-      for (int d = 0; d < kMaxRanks + 2; ++d) {
-        const uint8_t* src = d < kMaxRanks ? rows[d] : biases[d - kMaxRanks];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t chunk = first + 32 * u;
-          if (src && chunk < n) raw[d][u] = reinterpret_cast<const int4*>(src)[chunk];
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t chunk = first + 32 * u;
-        if (chunk >= n) break;
-        float acc[kElems];
-#pragma unroll
-        for (int e = 0; e < kElems; ++e) acc[e] = 0.f;
-#pragma unroll
-        for (int d = 0; d < kMaxRanks + 2; ++d) {
-          const uint8_t* src = d < kMaxRanks ? rows[d] : biases[d - kMaxRanks];
-          if (!src) continue;
-          const T* vals = reinterpret_cast<const T*>(&raw[d][u]);
-#pragma unroll
-          for (int e = 0; e < kElems; ++e) acc[e] += Convert<T>::to_float(vals[e]);
-        }
-        int4 packed;
-        T* outs = reinterpret_cast<T*>(&packed);
-#pragma unroll
-        for (int e = 0; e < kElems; ++e) outs[e] = Convert<T>::from_float(acc[e]);
-        reinterpret_cast<int4*>(a.out + token * a.payload)[chunk] = packed;
-      }
-    }
-    for (int k = lane; k < a.num_topk && a.out_weights; k += 32) {
-      float acc = 0.f;
-      for (int d = 0; d < R; ++d) {
-        if (!a.in_rank[token * R + d]) continue;
-        acc += row_at(token, d).weights[k];
-      }
-      a.out_weights[token * a.num_topk + k] = acc;
-    }
+    combine_recv_token<T, kMaxRanks, /*kConcurrent=*/false>(a, places, me, R, t, lane);
   }
   __syncthreads();
   if (tid == 0) {
     fence_gpu();
     const uint64_t ticket = atomicAdd(reinterpret_cast<unsigned long long*>(&mine->combine_recv_tickets), 1ULL) + 1;
-    if (ticket % kRecvBlocks == 0) {
+    if (ticket % kCombineRecvBlocks == 0) {
       for (int d = 0; d < R; ++d) store_release(&v.control(d)->combine_freed[me], cur);
     }
   }
 }
 
 template <typename T>
-void launch_send_and_recv(const PeerView& v, const SendArgs& send, const RecvArgs& recv, cudaStream_t stream) {
-  send_kernel<T><<<kSendBlocks, kThreads, 0, stream>>>(v, send);
+void launch_combine(const CombineOverlapConfig& overlap, const PeerView& v, const CombineSendArgs& send,
+                    const CombineRecvArgs& recv, int64_t capacity_rows, cudaStream_t stream) {
+  if (launch_combine_overlap<T>(overlap, v, send, recv, capacity_rows, stream)) return;
+  send_kernel<T><<<kCombineSendBlocks, kThreads, 0, stream>>>(v, send);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (v.num_ranks <= 2) {
-    recv_kernel<T, 2><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+    recv_kernel<T, 2><<<kCombineRecvBlocks, kThreads, 0, stream>>>(v, recv);
   } else {
-    recv_kernel<T, kMaxNvlRanks><<<kRecvBlocks, kThreads, 0, stream>>>(v, recv);
+    recv_kernel<T, kMaxNvlRanks><<<kCombineRecvBlocks, kThreads, 0, stream>>>(v, recv);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -264,20 +151,22 @@ std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tens
   auto b0 = bias_0.has_value() ? std::optional<at::Tensor>(bias_0->contiguous()) : std::nullopt;
   auto b1 = bias_1.has_value() ? std::optional<at::Tensor>(bias_1->contiguous()) : std::nullopt;
 
+  const CombineOverlapConfig overlap = combine_overlap_config();  // before any kernel: bad env fails clean
+
   auto positions = at::empty({num_tokens, v.num_ranks}, x.options().dtype(at::kInt));
   begin_kernel<<<1, kScanThreads, 0, stream>>>(v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
                                                positions.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  SendArgs send{static_cast<const uint8_t*>(x.data_ptr()),
+  CombineSendArgs send{static_cast<const uint8_t*>(x.data_ptr()),
                 w.has_value() ? static_cast<const uint8_t*>(w->data_ptr()) : nullptr,
-                prefix.data_ptr<int32_t>(), payload, weight_bytes, row_bytes,
+                       prefix.data_ptr<int32_t>(), payload, weight_bytes, row_bytes,
                 pair_slot.has_value() ? pair_slot->data_ptr<int64_t>() : nullptr, num_pairs,
                 /*self_direct=*/!pair_slot.has_value()};
 
   auto out = at::empty({num_tokens, hidden}, x.options());
   auto out_weights = at::empty(w.has_value() ? at::IntArrayRef{num_tokens, num_topk} : at::IntArrayRef{0},
                                x.options().dtype(at::kFloat));
-  RecvArgs recv{static_cast<uint8_t*>(out.data_ptr()),
+  CombineRecvArgs recv{static_cast<uint8_t*>(out.data_ptr()),
                 w.has_value() ? out_weights.data_ptr<float>() : nullptr,
                 b0.has_value() ? static_cast<const uint8_t*>(b0->data_ptr()) : nullptr,
                 b1.has_value() ? static_cast<const uint8_t*>(b1->data_ptr()) : nullptr,
@@ -287,13 +176,13 @@ std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tens
                 weight_bytes};
   switch (x.scalar_type()) {
     case at::kBFloat16:
-      launch_send_and_recv<__nv_bfloat16>(v, send, recv, stream);
+      launch_combine<__nv_bfloat16>(overlap, v, send, recv, capacity_rows, stream);
       break;
     case at::kHalf:
-      launch_send_and_recv<__half>(v, send, recv, stream);
+      launch_combine<__half>(overlap, v, send, recv, capacity_rows, stream);
       break;
     case at::kFloat:
-      launch_send_and_recv<float>(v, send, recv, stream);
+      launch_combine<float>(overlap, v, send, recv, capacity_rows, stream);
       break;
     default:  // the begin kernel has run: the callers route other dtypes to the collective backend
       TORCH_CHECK_TYPE(false, "ep_ops.combine: the NVLink kernel takes bfloat16, float16 or float32, got ",

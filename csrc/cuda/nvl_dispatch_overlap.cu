@@ -28,11 +28,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <string>
 
 #include "nvl_dispatch.h"
 #include "nvl_dispatch_overlap.h"
+#include "nvl_overlap_config.h"
 #include "nvl_recv_done.cuh"
 #include "nvl_signals.cuh"
 
@@ -176,46 +175,19 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView 
   }
 }
 
-// A positive integer from the environment, or `fallback` when unset.
-int env_int(const char* name, int fallback) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return fallback;
-  char* end = nullptr;
-  const long parsed = std::strtol(value, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && parsed > 0 && parsed <= 1 << 20, "ep_ops: ", name,
-                    " must be a positive integer, got '", value, "'");
-  return static_cast<int>(parsed);
-}
-
-// Blocks of the kernel the device holds at once (cached per device).
-int resident_blocks(int device) {
-  static std::atomic<int> cached[64];  // 0: not measured yet
-  std::atomic<int>* slot = device >= 0 && device < 64 ? &cached[device] : nullptr;
-  if (slot && slot->load() > 0) return slot->load();
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, dispatch_overlap_kernel, kThreads, 0));
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int blocks = per_sm * sms;
-  if (slot) slot->store(blocks);
-  return blocks;
-}
-
 }  // namespace
 
 DispatchOverlapConfig dispatch_overlap_config() {
-  const char* mode = std::getenv("EP_OPS_NVL_OVERLAP");
-  const bool wanted = mode == nullptr || std::string(mode) != "0";
   const int send_blocks = env_int("EP_OPS_NVL_SEND_BLOCKS", kDefaultSendBlocks);
   const int recv_blocks = env_int("EP_OPS_NVL_RECV_BLOCKS", kDefaultRecvBlocks);
   TORCH_CHECK_VALUE(kSendBlocks % send_blocks == 0, "ep_ops: EP_OPS_NVL_SEND_BLOCKS must divide ",
                     kSendBlocks, ", got ", send_blocks);
   TORCH_CHECK_VALUE(recv_blocks <= kDispatchRecvBlocks, "ep_ops: EP_OPS_NVL_RECV_BLOCKS must be at most ",
                     kDispatchRecvBlocks, ", got ", recv_blocks);
-  if (!wanted) return {false, send_blocks, recv_blocks};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  return {send_blocks + recv_blocks <= resident_blocks(device), send_blocks, recv_blocks};
+  if (!overlap_wanted()) return {false, send_blocks, recv_blocks};
+  static std::atomic<int> resident[64];
+  const int blocks = resident_blocks(reinterpret_cast<const void*>(dispatch_overlap_kernel), kThreads, resident);
+  return {send_blocks + recv_blocks <= blocks, send_blocks, recv_blocks};
 }
 
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,

@@ -57,17 +57,6 @@ struct TokenDest {
   int32_t pos;
 };
 
-// Lane d < R's base of d's buffer (constant indices: a dynamic index into the kernel's PeerView
-// argument would copy the whole struct to local memory).
-__device__ __forceinline__ uint8_t* peer_base(const PeerView& v, int r) {
-  uint8_t* base = nullptr;
-#pragma unroll
-  for (int i = 0; i < kMaxNvlRanks; ++i) {
-    if (i == r) base = v.base[i];
-  }
-  return base;
-}
-
 // What lane d < R needs for every token: where our rows start in d's region.
 struct SendLane {
   uint8_t* region;    // d's dispatch region
@@ -92,31 +81,6 @@ __device__ __forceinline__ TokenDest token_dest(const PeerView& v, const Dispatc
   const bool go = in && !(skip_self && lane == v.rank) && index < capacity_rows;
   return {go ? s.region + index * a.row.bytes() : nullptr, pos};
 }
-
-// Payload int4s per lane that a send warp holds at once: all loads of a stage are issued before
-// its stores (a load may not pass an earlier store to memory the compiler cannot tell apart, so a
-// copy that alternates them waits one memory latency per round). Hidden 7168: a BF16 row in two
-// rounds, an FP8 row in one (the 4-deep warp_copy took 7 and 4).
-constexpr int kSendStage = 14;
-
-// Up to two 4-byte words per lane of a small row field (scales, top-k ids, weights), loaded with
-// the payload's first stage and stored after it; words past 64 go one by one.
-struct FieldWords {
-  uint32_t w0 = 0, w1 = 0;
-  __device__ __forceinline__ void load(const uint8_t* src, int64_t bytes, int lane) {
-    const auto* s = reinterpret_cast<const uint32_t*>(src);
-    const int64_t n = bytes / 4;
-    if (lane < n) w0 = __ldg(s + lane);
-    if (lane + 32 < n) w1 = __ldg(s + lane + 32);
-  }
-  __device__ __forceinline__ void store(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) const {
-    auto* d = reinterpret_cast<uint32_t*>(dst);
-    const int64_t n = bytes / 4;
-    if (lane < n) d[lane] = w0;
-    if (lane + 32 < n) d[lane + 32] = w1;
-    for (int64_t i = lane + 64; i < n; i += 32) d[i] = __ldg(reinterpret_cast<const uint32_t*>(src) + i);
-  }
-};
 
 // The warp writes token t's row to every destination whose bit is set in `dests` (lane d's
 // `row`: its address there). `after_first_loads()` runs once the first stage's loads are issued

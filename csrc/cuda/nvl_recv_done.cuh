@@ -11,11 +11,11 @@
 namespace ep_ops::cuda {
 
 // Called by every thread of the block after its last read of the dispatch region. A kernel with
-// fewer blocks (the overlapped dispatch) has block i add tickets_for_block(i, blocks): the
-// tickets of one dispatch still sum to kDispatchRecvBlocks, and only the last add lands on a
-// multiple of it.
-__host__ __device__ inline uint64_t tickets_for_block(int block, int blocks) {
-  return kDispatchRecvBlocks / blocks + (block < kDispatchRecvBlocks % blocks ? 1 : 0);
+// fewer blocks (the overlapped dispatch and combine) has block i add tickets_for_block(i, blocks,
+// total): the tickets of one call still sum to `total` (kDispatchRecvBlocks here; the combine's
+// own count for its tickets), and only the last add lands on a multiple of it.
+__host__ __device__ inline uint64_t tickets_for_block(int block, int blocks, int total = kDispatchRecvBlocks) {
+  return total / blocks + (block < total % blocks ? 1 : 0);
 }
 
 __device__ inline void dispatch_recv_block_done(const PeerView& v, uint64_t epoch,

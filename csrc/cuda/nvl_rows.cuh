@@ -68,4 +68,29 @@ __device__ __forceinline__ void warp_copy_words(uint8_t* dst, const uint8_t* src
   for (int64_t i = lane; i < bytes / 4; i += 32) d[i] = s[i];
 }
 
+// Payload int4s per lane that a send warp holds at once (dispatch's and the overlapped combine's):
+// all loads of a stage are issued before its stores (a load may not pass an earlier store to memory the compiler cannot tell apart, so a
+// copy that alternates them waits one memory latency per round). Hidden 7168: a BF16 row in two
+// rounds, an FP8 row in one (the 4-deep warp_copy took 7 and 4).
+constexpr int kSendStage = 14;
+
+// Up to two 4-byte words per lane of a small row field (scales, top-k ids, weights), loaded with
+// the payload's first stage and stored after it; words past 64 go one by one.
+struct FieldWords {
+  uint32_t w0 = 0, w1 = 0;
+  __device__ __forceinline__ void load(const uint8_t* src, int64_t bytes, int lane) {
+    const auto* s = reinterpret_cast<const uint32_t*>(src);
+    const int64_t n = bytes / 4;
+    if (lane < n) w0 = __ldg(s + lane);
+    if (lane + 32 < n) w1 = __ldg(s + lane + 32);
+  }
+  __device__ __forceinline__ void store(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) const {
+    auto* d = reinterpret_cast<uint32_t*>(dst);
+    const int64_t n = bytes / 4;
+    if (lane < n) d[lane] = w0;
+    if (lane + 32 < n) d[lane + 32] = w1;
+    for (int64_t i = lane + 64; i < n; i += 32) d[i] = __ldg(reinterpret_cast<const uint32_t*>(src) + i);
+  }
+};
+
 }  // namespace ep_ops::cuda

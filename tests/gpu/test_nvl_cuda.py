@@ -51,6 +51,44 @@ def test_nvl_ops_match_reference_with_separate_kernels_then_overlapped():
     parallel_launch(GPU_RANKS, kernel_shapes_worker, backend="nccl", device="cuda", timeout=400)
 
 
+COMBINE_KNOBS = ("EP_OPS_NVL_COMBINE_SEND_BLOCKS", "EP_OPS_NVL_COMBINE_RECV_BLOCKS")
+
+
+def combine_splits_worker(rank, world_size, group_name):
+    """The overlapped combine's block split: a bad EP_OPS_NVL_COMBINE_SEND_BLOCKS or _RECV_BLOCKS
+    fails on every rank before any kernel, naming the variable; then splits whose send blocks do
+    not divide 256 (3 + 5: shares of 86/85/85 arrivals), one too large to be resident (the separate
+    kernels run instead) and the default all match the reference on one buffer, in turn."""
+    buffer = init_nvl_buffer(dist.group.WORLD, NVL_BYTES)
+    cases = [for_world(c, world_size) for c in (NORMAL_CASES[0], NORMAL_CASES[5], NORMAL_CASES[9])]
+    ops = torch.ops.ep_ops
+    case = cases[0]
+    me = {k: v.cuda() for k, v in all_inputs(case, world_size)[rank].items() if v is not None}
+    out = ops.dispatch(
+        me["x"], None, me["topk_idx"], me["topk_weights"], me["is_token_in_rank"],
+        case.num_experts, 1, 0, group_name,
+    )  # fmt: skip
+    combine_args = (out[0], out[3], None, None, me["is_token_in_rank"], out[5], out[6], group_name)
+    for name in COMBINE_KNOBS:
+        for value, needle in (("0", "must be a positive integer"), ("many", "must be a positive integer"),
+                              ("257", "must be at most 256")):  # fmt: skip
+            os.environ[name] = value
+            expect_error(ValueError, [name, needle], ops.combine, *combine_args)
+            del os.environ[name]
+    for send, recv in (("3", "5"), ("256", "256"), (None, None)):
+        for name, value in zip(COMBINE_KNOBS, (send, recv), strict=True):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        normal_worker(rank, world_size, group_name, cases, "cuda")
+    del buffer
+
+
+def test_combine_block_splits():
+    parallel_launch(GPU_RANKS, combine_splits_worker, backend="nccl", device="cuda", timeout=300)
+
+
 def graph_worker(rank, world_size, group_name):
     ops = torch.ops.ep_ops
     buffer = init_nvl_buffer(dist.group.WORLD, NVL_BYTES)
