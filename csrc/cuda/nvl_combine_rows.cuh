@@ -86,17 +86,9 @@ __device__ __forceinline__ void combine_send_row(const CombineSendArgs& a, int64
   const int64_t count = a.payload / 16;
   for (int64_t first = 0; first < count; first += 32 * kStage) {
     int4 v[kStage];
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int64_t i = first + lane + 32 * u;
-      if (i < count) v[u] = __ldg(src + i);
-    }
+    load_stage(v, src, first, count, lane);
     if (first == 0) after_first_loads();
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int64_t i = first + lane + 32 * u;
-      if (i < count) out[i] = v[u];
-    }
+    store_stage(out, v, first, count, lane);
   }
   if (count == 0) after_first_loads();
   if (weights) weight_words.store(dst + a.payload, weights, a.weight_bytes, lane);

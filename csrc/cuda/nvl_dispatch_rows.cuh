@@ -100,20 +100,12 @@ __device__ __forceinline__ void dispatch_send_token(const DispatchSendArgs& a, i
   const int64_t n = a.row.payload / 16;
   for (int64_t first = 0; first < n; first += 32 * kSendStage) {
     int4 v[kSendStage];
-#pragma unroll
-    for (int u = 0; u < kSendStage; ++u) {
-      const int64_t i = first + lane + 32 * u;
-      if (i < n) v[u] = __ldg(src + i);
-    }
+    load_stage(v, src, first, n, lane);
     if (first == 0) after_first_loads();
     for (uint32_t left = dests; left != 0; left &= left - 1) {
       auto* dst = reinterpret_cast<int4*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(row),
                                                       __ffs(left) - 1));
-#pragma unroll
-      for (int u = 0; u < kSendStage; ++u) {
-        const int64_t i = first + lane + 32 * u;
-        if (i < n) dst[i] = v[u];
-      }
+      store_stage(dst, v, first, n, lane);
     }
   }
   if (n == 0) after_first_loads();

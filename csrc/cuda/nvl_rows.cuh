@@ -74,6 +74,28 @@ __device__ __forceinline__ void warp_copy_words(uint8_t* dst, const uint8_t* src
 // rounds, an FP8 row in one (the 4-deep warp_copy took 7 and 4).
 constexpr int kSendStage = 14;
 
+// One stage of a staged row copy: lane's int4s first + lane + 32 * u (u < kStage) of a row of
+// `count` int4s, loaded from src into v, or stored from v to dst (those past the row skipped).
+template <int kStage>
+__device__ __forceinline__ void load_stage(int4 (&v)[kStage], const int4* src, int64_t first, int64_t count,
+                                           int lane) {
+#pragma unroll
+  for (int u = 0; u < kStage; ++u) {
+    const int64_t i = first + lane + 32 * u;
+    if (i < count) v[u] = __ldg(src + i);
+  }
+}
+
+template <int kStage>
+__device__ __forceinline__ void store_stage(int4* dst, const int4 (&v)[kStage], int64_t first, int64_t count,
+                                            int lane) {
+#pragma unroll
+  for (int u = 0; u < kStage; ++u) {
+    const int64_t i = first + lane + 32 * u;
+    if (i < count) dst[i] = v[u];
+  }
+}
+
 // Up to two 4-byte words per lane of a small row field (scales, top-k ids, weights), loaded with
 // the payload's first stage and stored after it; words past 64 go one by one.
 struct FieldWords {
