@@ -20,7 +20,7 @@
 //   separate (EP_OPS_NVL_OVERLAP=0, or when S + Q blocks cannot all be resident): send kernel
 //       (256 blocks) then recv kernel (256 blocks), which waits for every send block of every
 //       destination before its first sum.
-// EP_OPS_NVL_COMBINE_SEND_BLOCKS (a divisor of 256) / EP_OPS_NVL_COMBINE_RECV_BLOCKS (1..256)
+// EP_OPS_NVL_COMBINE_SEND_BLOCKS (1..256) / EP_OPS_NVL_COMBINE_RECV_BLOCKS (1..256)
 // size the overlapped kernel for tuning. A/B: EP_OPS_NVL_OVERLAP=0 python3 -m ep_ops.bench
 // against python3 -m ep_ops.bench (the switch covers dispatch too: compare the combine rows).
 #include <ATen/ATen.h>

@@ -17,9 +17,10 @@
 //           own that stay in x need no wait), then the warp sums the token exactly as the separate
 //           receive does (same order, same bits). The last block to finish resets the counters
 //           to 0 and posts the freed flags; no peer adds to them again before it sees freed.
-// The send blocks add kCombineSendBlocks / S each to combine_arrivals and the receive blocks
-// kCombineRecvBlocks tickets in all, so both counters stay in step with the separate kernels and
-// a process may switch shapes between calls (every rank must take the same shape within a call).
+// The send blocks add their shares of kCombineSendBlocks to combine_arrivals and the receive
+// blocks kCombineRecvBlocks tickets in all, so both counters stay in step with the separate
+// kernels and a process may switch shapes between calls (every rank must take the same shape
+// within a call).
 //
 // Co-residency: receive blocks spin on the peers' send blocks (and on our own in
 // combine_permuted, whose rows to ourselves go through our buffer), so every block must be
