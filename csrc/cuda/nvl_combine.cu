@@ -35,6 +35,7 @@
 #include "nvl_combine_rows.cuh"
 #include "nvl_dispatch.h"
 #include "nvl_positions.cuh"
+#include "nvl_recv_done.cuh"
 #include "nvl_signals.cuh"
 
 namespace ep_ops::cuda {
@@ -95,12 +96,8 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, CombineRecvA
     combine_recv_token<T, kMaxRanks, /*kConcurrent=*/false>(a, places, me, R, t, lane);
   }
   __syncthreads();
-  if (tid == 0) {
-    fence_gpu();
-    const uint64_t ticket = atomicAdd(reinterpret_cast<unsigned long long*>(&mine->combine_recv_tickets), 1ULL) + 1;
-    if (ticket % kCombineRecvBlocks == 0) {
-      for (int d = 0; d < R; ++d) store_release(&v.control(d)->combine_freed[me], cur);
-    }
+  if (tid == 0 && last_receive_block(&mine->combine_recv_tickets, 1, kCombineRecvBlocks)) {
+    for (int d = 0; d < R; ++d) store_release(&v.control(d)->combine_freed[me], cur);
   }
 }
 
@@ -158,22 +155,22 @@ std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tens
                                                positions.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   CombineSendArgs send{static_cast<const uint8_t*>(x.data_ptr()),
-                w.has_value() ? static_cast<const uint8_t*>(w->data_ptr()) : nullptr,
+                       w.has_value() ? static_cast<const uint8_t*>(w->data_ptr()) : nullptr,
                        prefix.data_ptr<int32_t>(), payload, weight_bytes, row_bytes,
-                pair_slot.has_value() ? pair_slot->data_ptr<int64_t>() : nullptr, num_pairs,
-                /*self_direct=*/!pair_slot.has_value()};
+                       pair_slot.has_value() ? pair_slot->data_ptr<int64_t>() : nullptr, num_pairs,
+                       /*self_direct=*/!pair_slot.has_value()};
 
   auto out = at::empty({num_tokens, hidden}, x.options());
   auto out_weights = at::empty(w.has_value() ? at::IntArrayRef{num_tokens, num_topk} : at::IntArrayRef{0},
                                x.options().dtype(at::kFloat));
   CombineRecvArgs recv{static_cast<uint8_t*>(out.data_ptr()),
-                w.has_value() ? out_weights.data_ptr<float>() : nullptr,
-                b0.has_value() ? static_cast<const uint8_t*>(b0->data_ptr()) : nullptr,
-                b1.has_value() ? static_cast<const uint8_t*>(b1->data_ptr()) : nullptr,
-                in_rank.data_ptr<bool>(), positions.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
-                static_cast<int>(num_tokens), num_topk, payload, row_bytes,
-                send.self_direct ? send.x : nullptr, send.self_direct ? send.weights : nullptr,
-                weight_bytes};
+                       w.has_value() ? out_weights.data_ptr<float>() : nullptr,
+                       b0.has_value() ? static_cast<const uint8_t*>(b0->data_ptr()) : nullptr,
+                       b1.has_value() ? static_cast<const uint8_t*>(b1->data_ptr()) : nullptr,
+                       in_rank.data_ptr<bool>(), positions.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
+                       static_cast<int>(num_tokens), num_topk, payload, row_bytes,
+                       send.self_direct ? send.x : nullptr, send.self_direct ? send.weights : nullptr,
+                       weight_bytes};
   switch (x.scalar_type()) {
     case at::kBFloat16:
       launch_combine<__nv_bfloat16>(overlap, v, send, recv, capacity_rows, stream);

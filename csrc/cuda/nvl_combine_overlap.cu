@@ -52,12 +52,6 @@ struct Plan {
   int64_t capacity_rows;  // rows of this layout that fit a combine region
 };
 
-// Rows of a stream that starts at row `start` of its region and holds `rows` (the part that fits:
-// the host's checks make that all of it).
-__device__ __forceinline__ int64_t rows_that_fit(int64_t start, int64_t rows, const Plan& p) {
-  return max(int64_t{0}, min(rows, p.capacity_rows - start));
-}
-
 __device__ __forceinline__ int64_t chunk_rows(int64_t stream_rows) {
   return max(int64_t{kWarps}, (stream_rows + kMaxCombineChunks - 1) / kMaxCombineChunks);
 }
@@ -82,14 +76,16 @@ __device__ __forceinline__ void count_row(const PeerView& v, const PendingRow& r
 template <typename T>
 __device__ __forceinline__ void send_role(const PeerView& v, const CombineSendArgs& a,
                                           const Plan& p) {
-  __shared__ int64_t first[kMaxNvlRanks], start[kMaxNvlRanks], count[kMaxNvlRanks];
+  __shared__ int64_t first[kMaxNvlRanks], start[kMaxNvlRanks], count[kMaxNvlRanks],
+      chunk[kMaxNvlRanks];
   __shared__ int sources[kMaxNvlRanks];
   const int me = v.rank, R = v.num_ranks, lane = threadIdx.x % 32;
   if (threadIdx.x < R) {
     const int s = threadIdx.x;
     first[s] = rows_before(a.prefix, R, s, me);  // our received rows from s start here in x
     start[s] = combine_stream_start(a.prefix, R, s, me);  // and go back to here in s's region
-    count[s] = rows_that_fit(start[s], rows_sent(a.prefix, R, s, me), p);
+    count[s] = rows_that_fit(start[s], rows_sent(a.prefix, R, s, me), p.capacity_rows);
+    chunk[s] = chunk_rows(rows_sent(a.prefix, R, s, me));  // as the source computes it
   }
   // The streams this kernel writes: every source's, but our own with self_direct (it stays in x).
   int num_streams = 0;
@@ -110,7 +106,7 @@ __device__ __forceinline__ void send_role(const PeerView& v, const CombineSendAr
     uint8_t* dst = peer_base(v, s) + kControlBytes + v.region_bytes + (start[s] + j) * a.row_bytes;
     combine_send_row<T, kSendStage>(a, first[s] + j, dst, lane,
                                     [&] { count_row(v, pending, lane); });
-    pending = {s, j / chunk_rows(rows_sent(a.prefix, R, s, me))};
+    pending = {s, j / chunk[s]};
   }
   count_row(v, pending, lane);
   __syncthreads();
@@ -133,7 +129,9 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const CombineRecvAr
   // Lane d < R: the stream from rank d, unless its rows stay in x (ours, self_direct).
   const bool buffered = lane < R && !(a.x != nullptr && lane == me);
   const int64_t stream_rows =
-      buffered ? rows_that_fit(places.block[lane], rows_sent(a.prefix, R, me, lane), p) : 0;
+      buffered
+          ? rows_that_fit(places.block[lane], rows_sent(a.prefix, R, me, lane), p.capacity_rows)
+          : 0;
   const int64_t C = chunk_rows(buffered ? rows_sent(a.prefix, R, me, lane) : 0);
   int64_t complete = -1;  // the last chunk of the stream this lane saw complete
   bool ok = true;
@@ -155,20 +153,13 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const CombineRecvAr
     combine_recv_token<T, kMaxRanks, /*kConcurrent=*/true>(a, places, me, R, t, lane);
   }
   if (!block_waits_ok(ok)) return;
-  if (tid == 0) {
-    fence_gpu();
-    const uint64_t tickets = tickets_for_block(q, num_q, kCombineRecvBlocks);
-    const uint64_t ticket =
-        atomicAdd(reinterpret_cast<unsigned long long*>(&mine->combine_recv_tickets), tickets) +
-        tickets;
-    if (ticket % kCombineRecvBlocks == 0) {  // the last block: every row of every stream was read
-      fence_gpu();
-      for (int d = 0; d < R; ++d) {
-        for (int k = 0; k < kMaxCombineChunks; ++k) mine->combine_chunk_rows[d][k] = 0;
-      }
-      for (int d = 0; d < R; ++d)
-        store_release(&v.control(d)->combine_freed[me], cur);  // after the resets
+  const uint64_t tickets = tickets_for_block(q, num_q, kCombineRecvBlocks);
+  if (tid == 0 && last_receive_block(&mine->combine_recv_tickets, tickets, kCombineRecvBlocks)) {
+    // Every row of every stream was read: reset the counters, then free the region.
+    for (int d = 0; d < R; ++d) {
+      for (int k = 0; k < kMaxCombineChunks; ++k) mine->combine_chunk_rows[d][k] = 0;
     }
+    for (int d = 0; d < R; ++d) store_release(&v.control(d)->combine_freed[me], cur);
   }
 }
 

@@ -97,8 +97,7 @@ __device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendA
 __device__ __forceinline__ void stream_of(const DispatchRecvArgs& a, const ChunkPlan& p, int R,
                                           int me, int s, int64_t& base, int64_t& rows) {
   base = rows_before(a.prefix, R, s, me);
-  rows = a.prefix[s * R + me] - base;
-  rows = max(int64_t{0}, min(rows, p.capacity_rows - base));
+  rows = rows_that_fit(base, a.prefix[s * R + me] - base, p.capacity_rows);
 }
 
 __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvArgs& a,

@@ -1,7 +1,8 @@
-// The end of a dispatch receive: the last of the kDispatchRecvBlocks blocks to finish tells every
+// The end of a receive (dispatch or combine): the last of its blocks to finish tells every
 // source that its rows in our buffer are consumed. A ticket in the buffer counts the blocks
 // (cumulative, never reset, so graph replays stay in step); every receiving kernel that ends a
-// dispatch runs kDispatchRecvBlocks tickets' worth of blocks and calls this once per block.
+// dispatch runs kDispatchRecvBlocks tickets' worth of blocks (a combine kCombineRecvBlocks) and
+// takes its tickets once per block.
 #pragma once
 
 #include "nvl_buffer.h"
@@ -18,17 +19,25 @@ __host__ __device__ inline uint64_t tickets_for_block(int block, int blocks, int
   return total / blocks + (block < total % blocks ? 1 : 0);
 }
 
+// Thread 0 of a receiving block, after the block's last read (and a block barrier): adds the
+// block's `tickets` to the cumulative `counter` and returns true for the block whose add lands on
+// a multiple of `total`, the call's last block, which then sees every other block's reads and
+// counter resets (made before their tickets) done.
+__device__ inline bool last_receive_block(uint64_t* counter, uint64_t tickets, int total) {
+  fence_gpu();
+  const uint64_t ticket = atomicAdd(reinterpret_cast<unsigned long long*>(counter), tickets) + tickets;
+  if (ticket % total != 0) return false;
+  fence_gpu();
+  return true;
+}
+
 __device__ inline void dispatch_recv_block_done(const PeerView& v, uint64_t epoch,
                                                 uint64_t tickets = 1) {
   __syncthreads();
   if (threadIdx.x == 0) {
     const int me = v.rank;
     Control* mine = v.control(me);
-    fence_gpu();
-    const uint64_t ticket =
-        atomicAdd(reinterpret_cast<unsigned long long*>(&mine->dispatch_recv_tickets), tickets) + tickets;
-    if (ticket % kDispatchRecvBlocks == 0) {
-      fence_gpu();  // the other blocks' reads and chunk-counter resets (before their tickets) first
+    if (last_receive_block(&mine->dispatch_recv_tickets, tickets, kDispatchRecvBlocks)) {
       for (int s = 0; s < v.num_ranks; ++s) store_release(&v.control(s)->dispatch_freed[me], epoch);
     }
   }

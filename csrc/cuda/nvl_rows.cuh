@@ -20,6 +20,12 @@ struct RowLayout {
   __host__ __device__ int64_t bytes() const { return src_at() + 16; }
 };
 
+// Of a stream of `rows` rows that starts at row `start` of a region holding `capacity_rows`, the
+// rows that fit (the host's capacity checks make that all of them).
+__device__ __forceinline__ int64_t rows_that_fit(int64_t start, int64_t rows, int64_t capacity_rows) {
+  return max(int64_t{0}, min(rows, capacity_rows - start));
+}
+
 // Where source s's rows start in destination d's dispatch region (and in d's dispatch output):
 // the rows that lower sources sent to d, from the rank prefix matrix [R, R] (row s: cumulative
 // over sources 0..s of what each sent to each destination).
