@@ -37,6 +37,7 @@ struct Control {
   uint64_t combine_epoch;                         // local: combines run so far
   uint64_t dispatch_recv_tickets;                 // local: receiver blocks done, cumulative
   uint64_t combine_recv_tickets;                  // local
+  uint64_t combine_end_tickets;                   // local: overlapped combine blocks done, cumulative
   uint64_t counts_ready[kMaxNvlRanks];            // source s posted its counts for epoch e
   uint64_t dispatch_arrivals[kMaxNvlRanks];       // sender blocks of source s done, cumulative
   uint64_t dispatch_freed[kMaxNvlRanks];          // receiver r consumed our rows of epoch e

@@ -1,6 +1,7 @@
 // Combine between the GPUs of one host, through the group's NVLink buffer.
 //
-//   begin: wait until every source consumed our previous combine rows; open the epoch.
+//   begin: wait until every source consumed our previous combine rows; our tokens' slots
+//          (positions); open the epoch. The overlapped kernel does this itself, no begin kernel.
 //   send:  every received row goes back into its source rank's combine region, into the block
 //          of rows that source had sent us, at the row's index in that block (combine_permuted:
 //          the row is the sum of its pairs' rows of h, made as it is sent).
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) recv_kernel(PeerView v, CombineRecvA
     combine_recv_token<T, kMaxRanks, /*kConcurrent=*/false>(a, places, me, R, t, lane);
   }
   __syncthreads();
-  if (tid == 0 && last_receive_block(&mine->combine_recv_tickets, 1, kCombineRecvBlocks)) {
+  if (tid == 0 && last_block_done(&mine->combine_recv_tickets, 1, kCombineRecvBlocks)) {
     for (int d = 0; d < R; ++d) store_release(&v.control(d)->combine_freed[me], cur);
   }
 }
@@ -105,6 +106,8 @@ template <typename T>
 void launch_combine(const CombineOverlapConfig& overlap, const PeerView& v, const CombineSendArgs& send,
                     const CombineRecvArgs& recv, int64_t capacity_rows, cudaStream_t stream) {
   if (launch_combine_overlap<T>(overlap, v, send, recv, capacity_rows, stream)) return;
+  begin_kernel<<<1, kScanThreads, 0, stream>>>(v, recv.in_rank, recv.num_tokens, recv.positions);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   send_kernel<T><<<kCombineSendBlocks, kThreads, 0, stream>>>(v, send);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (v.num_ranks <= 2) {
@@ -151,9 +154,6 @@ std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tens
   const CombineOverlapConfig overlap = combine_overlap_config();  // before any kernel: bad env fails clean
 
   auto positions = at::empty({num_tokens, v.num_ranks}, x.options().dtype(at::kInt));
-  begin_kernel<<<1, kScanThreads, 0, stream>>>(v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
-                                               positions.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   CombineSendArgs send{static_cast<const uint8_t*>(x.data_ptr()),
                        w.has_value() ? static_cast<const uint8_t*>(w->data_ptr()) : nullptr,
                        prefix.data_ptr<int32_t>(), payload, weight_bytes, row_bytes,
@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tens
     case at::kFloat:
       launch_combine<float>(overlap, v, send, recv, capacity_rows, stream);
       break;
-    default:  // the begin kernel has run: the callers route other dtypes to the collective backend
+    default:  // nothing has run yet: the callers route other dtypes to the collective backend
       TORCH_CHECK_TYPE(false, "ep_ops.combine: the NVLink kernel takes bfloat16, float16 or float32, got ",
                        x.scalar_type());
   }

@@ -1,8 +1,12 @@
-// The overlapped combine: one launch after the begin kernel whose first `S` blocks send our
-// received rows back to their source ranks and whose other `Q` blocks sum our tokens as their
-// rows land, while the senders still write (the separate receive kernel starts only after every
-// destination's send kernel ended: 170 + 60 us in series on the reference workload, BENCHMARKS.md
-// session 8).
+// The overlapped combine: one launch whose first `S` blocks send our received rows back to their
+// source ranks and whose other `Q` blocks sum our tokens as their rows land, while the senders
+// still write (the separate receive kernel starts only after every destination's send kernel
+// ended: 170 + 60 us in series on the reference workload, BENCHMARKS.md session 8).
+//
+// It also does the separate shape's begin kernel (6 us plus a launch): each send block waits for
+// the freed flags of the previous combine itself, each receive block scans is_token_in_rank and
+// writes the positions of the tokens it sums, and the last block to end (a ticket over all S + Q
+// blocks) advances combine_epoch, which every block read at its start.
 //
 // Streams and chunks. The rows rank d sends back to source s form one stream in s's combine
 // region, rows [combine_stream_start(s, d), + rows_sent(s, d)); row j of it (the token's position
@@ -25,7 +29,8 @@
 // Co-residency: receive blocks spin on the peers' send blocks (and on our own in
 // combine_permuted, whose rows to ourselves go through our buffer), so every block must be
 // resident at once: S + Q must not exceed what the device holds (checked at launch, else the
-// caller runs the separate kernels). Send blocks have the lowest indices and never wait.
+// caller runs the separate kernels). Send blocks have the lowest indices and wait only for the
+// previous call's freed flags.
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 #include <cuda_bf16.h>
@@ -36,6 +41,7 @@
 
 #include "nvl_combine_overlap.h"
 #include "nvl_overlap_config.h"
+#include "nvl_positions.cuh"
 #include "nvl_recv_done.cuh"
 #include "nvl_signals.cuh"
 
@@ -46,6 +52,9 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kDefaultSendBlocks = 64;
 constexpr int kDefaultRecvBlocks = 64;
+// End tickets per call on Control::combine_end_tickets: at least the largest grid (256 + 256), so
+// that every block takes one.
+constexpr int kCombineEndTickets = 512;
 
 struct Plan {
   int send_blocks;        // S: blockIdx.x < S send
@@ -73,9 +82,10 @@ __device__ __forceinline__ void count_row(const PeerView& v, const PendingRow& r
   }
 }
 
+// Returns false when a wait gave up (nothing was written).
 template <typename T>
-__device__ __forceinline__ void send_role(const PeerView& v, const CombineSendArgs& a,
-                                          const Plan& p) {
+__device__ __forceinline__ bool send_role(const PeerView& v, const CombineSendArgs& a,
+                                          const Plan& p, uint64_t epoch) {
   __shared__ int64_t first[kMaxNvlRanks], start[kMaxNvlRanks], count[kMaxNvlRanks],
       chunk[kMaxNvlRanks];
   __shared__ int sources[kMaxNvlRanks];
@@ -87,6 +97,9 @@ __device__ __forceinline__ void send_role(const PeerView& v, const CombineSendAr
     count[s] = rows_that_fit(start[s], rows_sent(a.prefix, R, s, me), p.capacity_rows);
     chunk[s] = chunk_rows(rows_sent(a.prefix, R, s, me));  // as the source computes it
   }
+  // Every source consumed the rows of our previous combine in its region.
+  const bool ok = threadIdx.x >= R || wait_at_least(v.watchdog, &v.control(me)->combine_freed[threadIdx.x],
+                                                    epoch - 1, me, threadIdx.x, kWaitCombineFreed);
   // The streams this kernel writes: every source's, but our own with self_direct (it stays in x).
   int num_streams = 0;
   for (int s = 0; s < R; ++s) {
@@ -94,7 +107,7 @@ __device__ __forceinline__ void send_role(const PeerView& v, const CombineSendAr
     if (threadIdx.x == 0) sources[num_streams] = s;
     ++num_streams;
   }
-  __syncthreads();
+  if (!block_waits_ok(ok)) return false;
   int64_t longest = 0;
   for (int i = 0; i < num_streams; ++i) longest = max(longest, count[sources[i]]);
   PendingRow pending;
@@ -116,15 +129,26 @@ __device__ __forceinline__ void send_role(const PeerView& v, const CombineSendAr
     add_release(&v.control(threadIdx.x)->combine_arrivals[me],
                 tickets_for_block(blockIdx.x, p.send_blocks, kCombineSendBlocks));
   }
+  return true;
 }
 
+// Writes the positions of the tokens receive block q of num_q sums (recv_role's loop: token t is
+// block q's when (t / kWarps) % num_q == q). The whole scan is a few KB of reads, done while the
+// first chunks cross. Out of line: inlined, its registers add spills to the receive's loop.
+__device__ __noinline__ void block_positions(const bool* in_rank, int num_tokens, int R,
+                                             int32_t* positions, int q, int num_q) {
+  token_positions<kThreads>(in_rank, num_tokens, R, positions, nullptr,
+                            [=](int64_t t) { return (t / kWarps) % num_q == q; });
+}
+
+// Returns false when a wait gave up.
 template <typename T, int kMaxRanks>
-__device__ __forceinline__ void recv_role(const PeerView& v, const CombineRecvArgs& a,
-                                          const Plan& p) {
+__device__ __forceinline__ bool recv_role(const PeerView& v, const CombineRecvArgs& a,
+                                          const Plan& p, uint64_t epoch) {
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32;
   const int q = blockIdx.x - p.send_blocks, num_q = gridDim.x - p.send_blocks;
   Control* mine = v.control(me);
-  const uint64_t cur = mine->combine_epoch;
+  block_positions(a.in_rank, a.num_tokens, R, a.positions, q, num_q);
   const CombinePlaces places = combine_places(v, a);
   // Lane d < R: the stream from rank d, unless its rows stay in x (ours, self_direct).
   const bool buffered = lane < R && !(a.x != nullptr && lane == me);
@@ -152,25 +176,31 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const CombineRecvAr
     __syncwarp();    // the lanes' acquires before every lane's reads of the rows
     combine_recv_token<T, kMaxRanks, /*kConcurrent=*/true>(a, places, me, R, t, lane);
   }
-  if (!block_waits_ok(ok)) return;
+  if (!block_waits_ok(ok)) return false;
   const uint64_t tickets = tickets_for_block(q, num_q, kCombineRecvBlocks);
-  if (tid == 0 && last_receive_block(&mine->combine_recv_tickets, tickets, kCombineRecvBlocks)) {
+  if (tid == 0 && last_block_done(&mine->combine_recv_tickets, tickets, kCombineRecvBlocks)) {
     // Every row of every stream was read: reset the counters, then free the region.
     for (int d = 0; d < R; ++d) {
       for (int k = 0; k < kMaxCombineChunks; ++k) mine->combine_chunk_rows[d][k] = 0;
     }
-    for (int d = 0; d < R; ++d) store_release(&v.control(d)->combine_freed[me], cur);
+    for (int d = 0; d < R; ++d) store_release(&v.control(d)->combine_freed[me], epoch);
   }
+  return true;
 }
 
 template <typename T, int kMaxRanks>
 __global__ void __launch_bounds__(kThreads, 1)
     combine_overlap_kernel(PeerView v, CombineSendArgs send, CombineRecvArgs recv, Plan plan) {
-  if (watchdog_tripped(v.watchdog)) return;  // begin gave up: the peers may still read our rows
-  if (blockIdx.x < plan.send_blocks) {
-    send_role<T>(v, send, plan);
-  } else {
-    recv_role<T, kMaxRanks>(v, recv, plan);
+  if (watchdog_tripped(v.watchdog)) return;  // a wait gave up: the peers may still read our rows
+  Control* mine = v.control(v.rank);
+  const uint64_t epoch = mine->combine_epoch + 1;  // this call's
+  const bool done = blockIdx.x < plan.send_blocks ? send_role<T>(v, send, plan, epoch)
+                                                  : recv_role<T, kMaxRanks>(v, recv, plan, epoch);
+  if (!done) return;
+  __syncthreads();  // every thread of the block read the epoch
+  const uint64_t tickets = tickets_for_block(blockIdx.x, gridDim.x, kCombineEndTickets);
+  if (threadIdx.x == 0 && last_block_done(&mine->combine_end_tickets, tickets, kCombineEndTickets)) {
+    mine->combine_epoch = epoch;  // every block has read the old value; the next call reads this
   }
 }
 

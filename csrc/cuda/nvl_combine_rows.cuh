@@ -36,7 +36,7 @@ struct CombineRecvArgs {
   const uint8_t* bias_0;
   const uint8_t* bias_1;
   const bool* in_rank;
-  const int32_t* positions;
+  int32_t* positions;  // [num_tokens, R]: begin (separate kernels) or each receive block writes them
   const int32_t* prefix;
   int num_tokens, num_topk;
   int64_t payload, row_bytes;

@@ -1,6 +1,7 @@
 // Each token's index among this rank's tokens bound for each destination rank (an exclusive
-// scan down the columns of is_token_in_rank), by one block of 1024 threads. A generic scan over
-// a [T, R] tensor's outer dimension costs ~230 us at T = 4096.
+// scan down the columns of is_token_in_rank), by one block (1024 threads in notify and begin, 512
+// in each receive block of the overlapped combine). A generic scan over a [T, R] tensor's outer
+// dimension costs ~230 us at T = 4096.
 //
 // One block, a few KB in and out: latency is what counts. The previous version (8 columns
 // whatever R, a 10-step Hillis-Steele scan across the threads in 32 KB of shared memory with two
@@ -13,8 +14,8 @@
 //    loads that 4R and in_rank's alignment allow), 4R positions out (R int4 stores). At T = 4096
 //    that is one group per thread. The tail group, and every group when a pointer is misaligned,
 //    go by bytes. For large T the vector loop is unrolled so that several groups' loads overlap.
-//  - Across threads, per column: a 5-step shuffle scan in each warp, then warp 0 scans the 32 warp
-//    sums (1 KB of shared memory). 3 block barriers in all, the last one on the way out.
+//  - Across threads, per column: a 5-step shuffle scan in each warp, then warp 0 scans the (up to)
+//    32 warp sums (1 KB of shared memory). 3 block barriers in all, the last one on the way out.
 //  - Each thread reads its bytes twice (to count, then to write); for small T the second read
 //    should hit L1.
 #pragma once
@@ -29,9 +30,8 @@ constexpr int kScanThreads = 1024;
 
 namespace positions_detail {
 
-constexpr int kWarps = kScanThreads / 32;
-constexpr int kGroup = 4;  // tokens per group: 4R bytes, a whole number of 4-byte words
-static_assert(kWarps == 32, "warp 0 scans the warp sums, one per lane");
+constexpr int kMaxWarps = 32;  // warp 0 scans the warp sums, one per lane
+constexpr int kGroup = 4;      // tokens per group: 4R bytes, a whole number of 4-byte words
 
 // The widest load that divides a group's 4R bytes; in_rank must be aligned to it.
 template <int R>
@@ -100,13 +100,15 @@ __device__ __forceinline__ int32_t warp_scan(int32_t x, int lane) {
   return x;
 }
 
-template <int R>
+template <int kThreads, int R, typename Keep>
 __device__ __forceinline__ void scan(const bool* in_rank, int num_tokens, int32_t* positions,
-                                     int32_t* totals, int32_t (&warp_sums)[kMaxNvlRanks][kWarps]) {
+                                     int32_t* totals, int32_t (&warp_sums)[kMaxNvlRanks][kMaxWarps],
+                                     const Keep& keep) {
+  static_assert(kThreads % 32 == 0 && kThreads / 32 <= kMaxWarps);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const auto* in = reinterpret_cast<const uint8_t*>(in_rank);
   const int groups = (num_tokens + kGroup - 1) / kGroup;
-  const int per_thread = (groups + kScanThreads - 1) / kScanThreads;
+  const int per_thread = (groups + kThreads - 1) / kThreads;
   const int64_t begin = static_cast<int64_t>(min(groups, tid * per_thread)) * kGroup;
   const int64_t end = min(static_cast<int64_t>(num_tokens), begin + per_thread * kGroup);
   const bool vector = reinterpret_cast<uintptr_t>(in) % kLoadBytes<R> == 0 &&
@@ -131,7 +133,8 @@ __device__ __forceinline__ void scan(const bool* in_rank, int num_tokens, int32_
   if (warp == 0) {
 #pragma unroll
     for (int d = 0; d < R; ++d) {
-      const int32_t mine = warp_sums[d][lane], through = warp_scan(mine, lane);
+      const int32_t mine = lane < kThreads / 32 ? warp_sums[d][lane] : 0;
+      const int32_t through = warp_scan(mine, lane);
       warp_sums[d][lane] = through - mine;
       if (lane == 31 && totals != nullptr) totals[d] = through;
     }
@@ -141,6 +144,11 @@ __device__ __forceinline__ void scan(const bool* in_rank, int num_tokens, int32_
   for (int d = 0; d < R; ++d) run[d] += warp_sums[d][warp] - count[d];
 
   for_each_group<R>(in, begin, end, vector, [&](int64_t t, const uint32_t (&w)[R], bool full) {
+    if (!keep(t)) {  // a group the caller does not need: only its counts matter
+#pragma unroll
+      for (int j = 0; j < kGroup * R; ++j) run[j % R] += byte_at<R>(w, j);
+      return;
+    }
     int32_t out[kGroup * R];
 #pragma unroll
     for (int j = 0; j < kGroup * R; ++j) {
@@ -164,14 +172,15 @@ __device__ __forceinline__ void scan(const bool* in_rank, int num_tokens, int32_
 }
 
 // scan<R> for the runtime R (1 <= R <= kMaxNvlRanks).
-template <int kR = 1>
+template <int kThreads, int kR = 1, typename Keep>
 __device__ __forceinline__ void scan_r(int R, const bool* in_rank, int num_tokens,
                                        int32_t* positions, int32_t* totals,
-                                       int32_t (&warp_sums)[kMaxNvlRanks][kWarps]) {
+                                       int32_t (&warp_sums)[kMaxNvlRanks][kMaxWarps],
+                                       const Keep& keep) {
   if (R == kR) {
-    scan<kR>(in_rank, num_tokens, positions, totals, warp_sums);
+    scan<kThreads, kR>(in_rank, num_tokens, positions, totals, warp_sums, keep);
   } else if constexpr (kR < kMaxNvlRanks) {
-    scan_r<kR + 1>(R, in_rank, num_tokens, positions, totals, warp_sums);
+    scan_r<kThreads, kR + 1>(R, in_rank, num_tokens, positions, totals, warp_sums, keep);
   }
 }
 
@@ -179,13 +188,21 @@ __device__ __forceinline__ void scan_r(int R, const bool* in_rank, int num_token
 
 // Writes positions[t * R + d] (for every t < num_tokens and d < R, also where the token does not
 // go to d) and, if totals is given, totals[d] (tokens bound for d). Must be called by all
-// kScanThreads threads of the block, with 1 <= R <= kMaxNvlRanks; ends with a block barrier, so
-// the outputs are visible to the block on return.
+// kThreads threads of the block, with 1 <= R <= kMaxNvlRanks; ends with a block barrier, so the
+// outputs are visible to the block on return. keep(t) (t a multiple of 4): whether the caller
+// needs tokens t..t+3; the others are counted but not written (the overlapped combine's receive
+// blocks each write only the tokens they sum).
+template <int kThreads = kScanThreads, typename Keep>
+__device__ inline void token_positions(const bool* in_rank, int num_tokens, int R,
+                                       int32_t* positions, int32_t* totals, const Keep& keep) {
+  __shared__ int32_t warp_sums[kMaxNvlRanks][positions_detail::kMaxWarps];
+  positions_detail::scan_r<kThreads>(R, in_rank, num_tokens, positions, totals, warp_sums, keep);
+  __syncthreads();
+}
+
 __device__ inline void token_positions(const bool* in_rank, int num_tokens, int R,
                                        int32_t* positions, int32_t* totals) {
-  __shared__ int32_t warp_sums[kMaxNvlRanks][positions_detail::kWarps];
-  positions_detail::scan_r(R, in_rank, num_tokens, positions, totals, warp_sums);
-  __syncthreads();
+  token_positions(in_rank, num_tokens, R, positions, totals, [](int64_t) { return true; });
 }
 
 }  // namespace ep_ops::cuda

@@ -19,11 +19,12 @@ __host__ __device__ inline uint64_t tickets_for_block(int block, int blocks, int
   return total / blocks + (block < total % blocks ? 1 : 0);
 }
 
-// Thread 0 of a receiving block, after the block's last read (and a block barrier): adds the
-// block's `tickets` to the cumulative `counter` and returns true for the block whose add lands on
-// a multiple of `total`, the call's last block, which then sees every other block's reads and
-// counter resets (made before their tickets) done.
-__device__ inline bool last_receive_block(uint64_t* counter, uint64_t tickets, int total) {
+// Thread 0 of a block, after the block's last read (and a block barrier): adds the block's
+// `tickets` to the cumulative `counter` and returns true for the block whose add lands on a
+// multiple of `total`, the call's last block, which then sees every other block's reads and
+// counter resets (made before their tickets) done. Receive ends use it, and the overlapped
+// combine's end over all its blocks.
+__device__ inline bool last_block_done(uint64_t* counter, uint64_t tickets, int total) {
   fence_gpu();
   const uint64_t ticket = atomicAdd(reinterpret_cast<unsigned long long*>(counter), tickets) + tickets;
   if (ticket % total != 0) return false;
@@ -37,7 +38,7 @@ __device__ inline void dispatch_recv_block_done(const PeerView& v, uint64_t epoc
   if (threadIdx.x == 0) {
     const int me = v.rank;
     Control* mine = v.control(me);
-    if (last_receive_block(&mine->dispatch_recv_tickets, tickets, kDispatchRecvBlocks)) {
+    if (last_block_done(&mine->dispatch_recv_tickets, tickets, kDispatchRecvBlocks)) {
       for (int s = 0; s < v.num_ranks; ++s) store_release(&v.control(s)->dispatch_freed[me], epoch);
     }
   }
