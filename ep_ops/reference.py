@@ -634,7 +634,8 @@ class _LowLatencyLayout:
     Attributes:
         rows[j][e]: list of (s, t) for local expert e of rank j, in block order (s, then t).
         place[s][t][k]: (j, e, pos) of the row of token t's k-th expert, or None (-1).
-        slot_tokens[s][j]: rank s's tokens with at least one expert on rank j (slot m = index).
+        slot_tokens[s][j]: rank s's tokens with at least one expert on rank j (each in slot t, its
+        own index).
     """
 
     def __init__(self, topk_idxs: list, num_experts: int, num_max: int):
@@ -705,8 +706,8 @@ def reference_low_latency_dispatch(
         column-major in the last two dims, zero in unused rows; or empty float32 without FP8;
         recv_count ``[E_local]`` int32; src_info ``[E_local, R*M]`` int32 (-1 unused);
         layout_range ``[E_local, R]`` int64 = (begin << 32) | count;
-        recv_token_slots ``[R, M, K]`` int32 = e * R*M + pos for token slot m of source s whose
-        k-th expert is local expert e of j, else -1.
+        recv_token_slots ``[R, M, K]`` int32 = e * R*M + pos for token t of source s whose
+        k-th expert is local expert e of j, else -1 (a token's slot is its own index t).
         Expert e's block holds one row per (token, distinct expert), by source rank then token.
     """
     xs = list(xs)
@@ -761,10 +762,10 @@ def reference_low_latency_dispatch(
                 layout_range[e, s] = (begin << 32) | count
         recv_token_slots = torch.full((num_ranks, num_max, num_topk), -1, dtype=torch.int32)
         for s in range(num_ranks):
-            for m, t in enumerate(layout.slot_tokens[s][j]):
+            for t in layout.slot_tokens[s][j]:
                 for k, where in enumerate(layout.place[s][t]):
                     if where is not None and where[0] == j:
-                        recv_token_slots[s, m, k] = layout.flat_row(where[1], where[2])
+                        recv_token_slots[s, t, k] = layout.flat_row(where[1], where[2])
         outputs.append((recv_x, recv_x_scales, recv_count, src_info, layout_range, recv_token_slots))
     return outputs
 

@@ -83,8 +83,9 @@ def low_latency_dispatch(
         column-major in the last two dims, or empty (BF16); recv_count ``[E_local]`` int32;
         src_info ``[E_local, R*M]`` int32 source token index per received row; layout_range
         ``[E_local, R]`` int64 = (begin << 32) | count of each source rank's rows;
-        recv_token_slots ``[R, M, K]`` int32: where each received token's k-th expert row sits
-        in the flattened ``[E_local * R*M]`` rows (-1 = not on this rank), used by combine.
+        recv_token_slots ``[R, M, K]`` int32: ``[s, t, k]`` is where token t of source rank s has
+        its k-th expert row in the flattened ``[E_local * R*M]`` rows (-1 = not on this rank),
+        used by combine.
         Rows of an expert are ordered by source rank, then source token. Rows past recv_count are
         zero on the collective backend and left unwritten by the NVLink kernels (as in DeepEP).
         All sizes static (no data-dependent shape).
@@ -111,8 +112,9 @@ def low_latency_dispatch_send(
     x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0, group_name
 ):
     """Send half of low_latency_dispatch. Returns recv_packed ``[R, M, row_bytes]`` uint8: the
-    rows this rank received, one per (source rank, token slot), in the wire format of
-    ``meta/wire.py``; pass it to low_latency_dispatch_recv. On the NVLink kernels it is a view of
+    rows this rank received, one per (source rank, token slot; a token's slot is its index among
+    its rank's tokens, and a slot whose token does not come here has source -1), in the wire
+    format of ``meta/wire.py``; pass it to low_latency_dispatch_recv. On the NVLink kernels it is a view of
     the group's low-latency buffer that the peers are still filling: only the recv half (which
     waits for them) may read it, and the group's second-next send reuses it."""
     op = "low_latency_dispatch_send"
@@ -226,7 +228,7 @@ def low_latency_combine_send(
     x, topk_idx, topk_weights, recv_token_slots, num_max_dispatch_tokens_per_rank, use_logfmt, group_name
 ):
     """Send half of low_latency_combine. Returns recv_partials ``[R, M, row_bytes]`` uint8: the
-    partial sums this rank received for its own tokens, one per (expert rank, token slot). On the
+    partial sums this rank received for its own tokens, one per (expert rank, token index). On the
     NVLink kernels a view of the group's buffer, as for low_latency_dispatch_send."""
     op = "low_latency_combine_send"
     num_ranks = world_size(group_name)

@@ -336,7 +336,8 @@ def test_low_latency_dispatch_by_hand():
     assert torch.equal(recv_x[0, :, 0].float(), f32([12, 0, 0, 0, 0, 0]))
     assert torch.equal(recv_x[1, :, 0].float(), f32([1, 2, 12, 0, 0, 0]))
     assert torch.equal(layout_range, packed([[(0, 0), (0, 1)], [(0, 2), (2, 1)]]))
-    assert torch.equal(slots, i32([[[6, -1], [7, 7], [-1, -1]], [[0, 8], [-1, -1], [-1, -1]]]))
+    # indexed by (source rank, source token): rank 1's token 1 (not its first token) is [1][1]
+    assert torch.equal(slots, i32([[[6, -1], [7, 7], [-1, -1]], [[-1, -1], [0, 8], [-1, -1]]]))
 
     recv_x, scales, count, src_info, layout_range, slots = r1
     assert torch.equal(count, i32([1, 1]))

@@ -14,12 +14,13 @@
 namespace ep_ops::collective {
 namespace {
 
-// Rows of this rank's tokens placed by (destination rank, slot): [R, M, row width].
+// Rows of this rank's tokens placed by (destination rank, slot), a token's slot being its own
+// index: [R, M, row width], zero where a token does not go.
 Tensor to_slots(const Tensor& rows, const std::vector<Tensor>& tokens, int64_t num_max) {
   const int64_t num_ranks = static_cast<int64_t>(tokens.size());
   auto out = at::zeros({num_ranks, num_max, rows.size(1)}, rows.options());
   for (int64_t r = 0; r < num_ranks; ++r) {
-    out[r].narrow(0, 0, tokens[r].size(0)).copy_(rows.index_select(0, tokens[r]));
+    out[r].index_copy_(0, tokens[r], rows.index_select(0, tokens[r]));
   }
   return out;
 }
@@ -122,7 +123,7 @@ Tensor low_latency_combine_recv(const Tensor& recv_partials, const Tensor& topk_
   auto tokens = token_lists(topk_idx, per_rank, num_ranks);
   auto acc = at::zeros({topk_idx.size(0), hidden}, recv_partials.options().dtype(at::kFloat));
   for (int64_t r = 0; r < num_ranks; ++r) {
-    auto rows = recv_partials[r].narrow(0, 0, tokens[r].size(0));
+    auto rows = recv_partials[r].index_select(0, tokens[r]);
     acc.index_add_(0, tokens[r], decode_partials(rows, hidden, use_logfmt));
   }
   return acc.to(at::kBFloat16);
@@ -180,10 +181,9 @@ std::tuple<Tensor, Tensor> low_latency_combine_backward(
   auto recv_dots = all_to_all_equal(group, dots.view({num_ranks, num_max, num_topk}));
   auto grad_weights = at::zeros_like(topk_weights);
   for (int64_t r = 0; r < num_ranks; ++r) {
-    const int64_t n = tokens[r].size(0);
     auto ids = topk_idx.index_select(0, tokens[r]);
     auto owned = (ids >= 0) & (at::floor_divide(ids, per_rank) == r);
-    auto d = recv_dots[r].narrow(0, 0, n);
+    auto d = recv_dots[r].index_select(0, tokens[r]);
     grad_weights.index_add_(0, tokens[r], at::where(owned, d, at::zeros_like(d)));
   }
   return {grad_x.to(at::kBFloat16).view(x.sizes()), grad_weights};

@@ -57,12 +57,13 @@ Tensor send_tokens(const Tensor& x, const Tensor& topk_idx, int64_t num_max, int
 
   const wire::DispatchRow row{x.size(1), topk_idx.size(1), use_fp8};
   auto rows = token_rows(x, topk_idx, row, round_scale);
-  // Empty slots carry source index -1 (all bytes 0xFF); every other byte is zero.
+  // Token t's row goes to slot t of each rank it has an expert on (a slot is the token's own
+  // index); every other slot carries source index -1 (all bytes 0xFF), every other byte zero.
   auto send = at::zeros({num_ranks, num_max, row.bytes()}, x.options().dtype(at::kByte));
   send.narrow(2, row.src_offset(), 4).fill_(0xFF);
   auto tokens = tokens_per_rank(token_in_rank(topk_idx, num_experts / num_ranks, num_ranks));
   for (int64_t r = 0; r < num_ranks; ++r) {
-    send[r].narrow(0, 0, tokens[r].size(0)).copy_(rows.index_select(0, tokens[r]));
+    send[r].index_copy_(0, tokens[r], rows.index_select(0, tokens[r]));
   }
   return all_to_all_equal(group, send);
 }

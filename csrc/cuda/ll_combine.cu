@@ -5,8 +5,8 @@
 //
 //   weights:  each block takes tokens (t = block, block + grid, ...) and writes each token's top-k
 //             weights into the weights slab of every rank holding one of its experts, at (our
-//             rank, the token's slot for that rank); then adds its share to our weights arrivals
-//             at every rank.
+//             rank, t): a token's slot is its own index, as in the dispatch; then adds its share
+//             to our weights arrivals at every rank.
 //   partials: each block waits until every source's weights arrivals reach a whole unit, then for
 //             each (source rank, slot) row j = block, block + grid, ... sums w_k * x[slot_k] over
 //             its local k in float32, k ascending (__fmul_rn / __fadd_rn, no FMA), rounds to BF16
@@ -29,7 +29,7 @@
 //   - One launch instead of three for the op (two for the send half): ~1-3 us of launch and drain
 //     per kernel boundary under graphs, and each phase's wait starts while the flags are in flight
 //     instead of after a kernel boundary: estimate -3 to -5 us. The recv phase computes its first
-//     token's slots before it waits, so that work hides behind the wait.
+//     token's ranks before it waits, so that work hides behind the wait.
 //   - Epochs come from per-block start tickets (take_start_ticket), so no block waits for another
 //     one of its own launch except through the counters.
 // Estimate (not measured): ~10-12 us of fixed cost left (a launch, three NVLink flag round trips,
@@ -83,7 +83,6 @@ struct CombineArgs {
 // The weights phase. false: a wait gave up (the watchdog tripped): stop without touching data.
 // `ticket`: this block's start ticket on our weights send counter (taken after drain_if_moved).
 __device__ __forceinline__ bool send_weights(const CombineArgs& a, uint64_t ticket) {
-  __shared__ int slots[kMaxNvlRanks];
   const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
   if (!wait_freed(a.v, kLLWeights, a.weights_slab, units_before(ticket),
                   kWaitLowLatencyWeightsFreed)) {
@@ -92,18 +91,15 @@ __device__ __forceinline__ bool send_weights(const CombineArgs& a, uint64_t tick
   // The last block to start records the key: every block has read the old one before its ticket.
   if (threadIdx.x == 0 && completes_unit(ticket)) ll_control(a.v.base[me])->layout_key = a.layout_key;
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
-    slots_before(a.topk_idx, t, K, a.num_experts, a.per_rank, R, slots);
+    if (threadIdx.x >= K) continue;  // the rest of the block only posts the arrivals below
+    const float w = a.topk_weights[static_cast<int64_t>(t) * K + threadIdx.x];
     const uint32_t mask = token_rank_mask(a.topk_idx, t, K, a.num_experts, a.per_rank);
-    if (threadIdx.x < K) {
-      const float w = a.topk_weights[static_cast<int64_t>(t) * K + threadIdx.x];
-      for (int d = 0; d < R; ++d) {
-        if (!((mask >> d) & 1u)) continue;
-        uint8_t* row = a.v.base[d] + a.weights_offset +
-                       (me * static_cast<int64_t>(a.num_max) + slots[d]) * a.weights_row;
-        reinterpret_cast<float*>(row)[threadIdx.x] = w;
-      }
+    for (int d = 0; d < R; ++d) {
+      if (!((mask >> d) & 1u)) continue;
+      uint8_t* row = a.v.base[d] + a.weights_offset +
+                     (me * static_cast<int64_t>(a.num_max) + t) * a.weights_row;
+      reinterpret_cast<float*>(row)[threadIdx.x] = w;
     }
-    __syncthreads();  // `slots` is rewritten for the next token
   }
   __syncthreads();
   if (threadIdx.x < R) {
@@ -220,14 +216,10 @@ __device__ __forceinline__ void store_bf16_vector(const CombineArgs& a, int t, i
 // The recv phase. `ticket`: this block's start ticket on our partials read counter.
 template <bool kLogfmt>
 __device__ __forceinline__ void recv_sums(const CombineArgs& a, uint64_t ticket) {
-  __shared__ int slots[kMaxNvlRanks];
   const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
-  // The block's first token's slots before the wait, which they then overlap.
+  // The block's first token's ranks before the wait, which they then overlap.
   uint32_t mask = 0;
-  if (blockIdx.x < a.num_tokens) {
-    slots_before(a.topk_idx, blockIdx.x, K, a.num_experts, a.per_rank, R, slots);
-    mask = token_rank_mask(a.topk_idx, blockIdx.x, K, a.num_experts, a.per_rank);
-  }
+  if (blockIdx.x < a.num_tokens) mask = token_rank_mask(a.topk_idx, blockIdx.x, K, a.num_experts, a.per_rank);
   const bool ok = threadIdx.x >= R ||
                   wait_unit_arrived(a.v, kLLPartials, a.partials_slab, threadIdx.x, ticket,
                                     kWaitLowLatencyPartials);
@@ -235,16 +227,13 @@ __device__ __forceinline__ void recv_sums(const CombineArgs& a, uint64_t ticket)
 
   const int vectors = a.hidden / 8;
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
-    if (t != static_cast<int>(blockIdx.x)) {
-      slots_before(a.topk_idx, t, K, a.num_experts, a.per_rank, R, slots);
-      mask = token_rank_mask(a.topk_idx, t, K, a.num_experts, a.per_rank);
-    }
+    if (t != static_cast<int>(blockIdx.x)) mask = token_rank_mask(a.topk_idx, t, K, a.num_experts, a.per_rank);
     for (int i = threadIdx.x; i < vectors; i += blockDim.x) {
       float acc[8] = {};
       if constexpr (kLogfmt) {  // decoded to float32 and summed in rank order, as the collective
         for (int s = 0; s < R; ++s) {
           if ((mask >> s) & 1u) {
-            logfmt_decode_add(a.partials + (s * static_cast<int64_t>(a.num_max) + slots[s]) * a.partial_row,
+            logfmt_decode_add(a.partials + (s * static_cast<int64_t>(a.num_max) + t) * a.partial_row,
                               a.hidden, i, acc);
           }
         }
@@ -254,7 +243,7 @@ __device__ __forceinline__ void recv_sums(const CombineArgs& a, uint64_t ticket)
         for (int s = 0; s < kMaxNvlRanks; ++s) {
           if (s < R && ((mask >> s) & 1u)) {
             raw[s] = reinterpret_cast<const int4*>(
-                a.partials + (s * static_cast<int64_t>(a.num_max) + slots[s]) * a.partial_row)[i];
+                a.partials + (s * static_cast<int64_t>(a.num_max) + t) * a.partial_row)[i];
           }
         }
 #pragma unroll
@@ -270,8 +259,8 @@ __device__ __forceinline__ void recv_sums(const CombineArgs& a, uint64_t ticket)
       }
       store_bf16_vector(a, t, i, acc);
     }
-    __syncthreads();  // `slots` is rewritten for the next token; the reads are done at the end
   }
+  __syncthreads();  // every thread's reads of the slab are done
   // Done reading our partials slab: this block's share of the freed counter at every source.
   if (threadIdx.x < R) {
     add_share_release(&ll_control(a.v.base[threadIdx.x])->freed[kLLPartials][a.partials_slab][me]);

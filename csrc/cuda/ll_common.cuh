@@ -1,5 +1,5 @@
-// Block-level building blocks of the low-latency kernels: which ranks a token goes to, a
-// token's slot among this rank's tokens for each destination, a block-wide count scan, and the
+// Block-level building blocks of the low-latency kernels: which ranks a token goes to (a token's
+// slot in every slab is its own index, so no slot scan is needed), a block-wide count scan, and the
 // per-block start tickets and shares with which no block waits for another: every counter of
 // LowLatencyControl grows by kLLUnit per launch, each block adding its share, and each block
 // learns the launch's epoch from its own start ticket (dispatch and combine alike).
@@ -40,30 +40,6 @@ __device__ __forceinline__ uint32_t token_rank_mask(const int64_t* topk_idx, int
     __trap();
   }
   return mask;
-}
-
-// counts[d] (shared, kMaxNvlRanks) = tokens before t bound for rank d: token t's slot in d's
-// block. Called by every thread of the block.
-__device__ inline void slots_before(const int64_t* topk_idx, int t, int K, int64_t num_experts,
-                                    int64_t per_rank, int R, int* counts) {
-  if (threadIdx.x < kMaxNvlRanks) counts[threadIdx.x] = 0;
-  __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  int local[kMaxNvlRanks] = {};
-  for (int first = warp * 32; first < t; first += warps * 32) {  // whole warps iterate alike
-    const int u = first + lane;
-    const uint32_t mask = u < t ? token_rank_mask(topk_idx, u, K, num_experts, per_rank) : 0u;
-#pragma unroll
-    for (int d = 0; d < kMaxNvlRanks; ++d) {
-      if (d < R) local[d] += __popc(__ballot_sync(0xffffffffu, (mask >> d) & 1u));
-    }
-  }
-  if (lane == 0) {
-    for (int d = 0; d < R; ++d) {
-      if (local[d] != 0) atomicAdd(&counts[d], local[d]);
-    }
-  }
-  __syncthreads();
 }
 
 // Exclusive count of `flag` over the block's threads in thread order; *total gets the sum.

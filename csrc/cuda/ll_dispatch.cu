@@ -4,14 +4,17 @@
 //
 //   send: each block takes tokens (t = block, block + grid, ...) and writes each token's wire row
 //         (cast to FP8 on the fly if asked) once into every destination *rank*'s dispatch slab, at
-//         (our rank, the token's index among our tokens for that rank). Then the block alone adds
-//         its share to our arrival counter at every destination (fence + red.release.sys); the
-//         block that sent our last token also posts, before its add, how many rows each
-//         destination got from us (dispatch_rows). It never waits for data, only (rarely) for a
-//         receiver to have read the slab's previous contents.
+//         (our rank, t); at a rank the token does not go to it writes only a -1 source there.
+//         The slot is the token's own index, so no block scans the tokens before its own (a
+//         dependent load and two barriers: ~2.5 us of the probe's 6.8 us send, session 10).
+//         Then the block alone adds its share to our arrival counter at every destination
+//         (fence + red.release.sys); block 0 also posts, before its add, our token count
+//         (dispatch_rows). It never waits for data, only (rarely) for a receiver to have read the
+//         slab's previous contents.
 //   recv: each block waits until every source's arrivals reach a whole unit (all its send blocks
-//         are in, whatever their number), reads the per-source row counts, and for each of its
-//         local experts (e = block, block + grid, ...) finds the valid slab rows that name the
+//         are in, whatever their number), reads the per-source token counts, and for each of its
+//         local experts (e = block, block + grid, ...) finds the valid slab rows (below the count,
+//         source not -1) that name the
 //         expert (in slab order: source rank, then token, so the layout is fixed by the data, not
 //         by atomics) and copies them into the static [E_local, R*M, H] output. Then it adds its
 //         share to every source's freed counter.
@@ -23,10 +26,10 @@
 //     block's own work: ~2-4 us each, serialized behind the slowest block. Now every block posts
 //     its own share (the normal-mode dispatch's per-block arrivals, with a unit that makes the
 //     grid size free), so the flags rise as soon as the last block's rows are out.
-//   - No "-1" marking: the last send block used to re-scan every token's ids and write a -1
-//     source into every unused slab slot (remote stores, then a second system fence: one more
-//     NVLink round trip, ~1-2 us). The posted per-source count replaces it, and the receiver
-//     reads the ids of valid rows only.
+//   - No separate "-1" marking pass: the last send block used to re-scan every token's ids and
+//     write a -1 source into every unused slab slot (remote stores, then a second system fence:
+//     one more NVLink round trip, ~1-2 us). Now each token's block writes its own -1 sources
+//     before its one fence, and the posted count bounds the rows the receiver reads.
 //   - One launch instead of two for the op (~1-3 us of launch and drain under graphs), and each
 //     block's receive wait starts while the flags are in flight instead of after a kernel
 //     boundary.
@@ -36,7 +39,7 @@
 // What it costs: the op's grid must be co-resident (its receive blocks wait for the send blocks of
 // the same launch on this rank), so the op launches at most one block per SM (every GPU fits one
 // 512-thread block per SM); the halves have no such limit. Each receive block posts its own freed
-// share (R reds per block instead of R per call), and the control area holds the row counts.
+// share (R reds per block instead of R per call), and the control area holds the token counts.
 // EP_OPS_LL_DISPATCH_SPLIT=1 runs the op as its two halves (two launches of the same kernel), for
 // A/B timings of the fusion alone.
 //
@@ -120,7 +123,7 @@ __device__ __forceinline__ void load_fp8_round(const DispatchArgs& a, int64_t t,
   }
 }
 
-__device__ __forceinline__ void cast_fp8_round(const DispatchArgs& a, int g0, const Fp8Round& r, const int* slots,
+__device__ __forceinline__ void cast_fp8_round(const DispatchArgs& a, int64_t t, int g0, const Fp8Round& r,
                                                uint32_t mask) {
   const int lane = threadIdx.x & 31, groups = a.hidden / static_cast<int>(wire::kFp8Block);
 #pragma unroll
@@ -144,27 +147,27 @@ __device__ __forceinline__ void cast_fp8_round(const DispatchArgs& a, int g0, co
     }
     for (int d = 0; d < a.v.num_ranks; ++d) {
       if (!((mask >> d) & 1u)) continue;
-      uint8_t* row = slab_row(a, d, slots[d]);
+      uint8_t* row = slab_row(a, d, t);
       *reinterpret_cast<uint32_t*>(row + channel) = packed;
       if (lane == 0) reinterpret_cast<float*>(row + a.row.scale_offset())[g] = scale_inv;
     }
   }
 }
 
-// The token's row, cast; `first`: the warp's first round, loaded by the caller (before the slot
-// scan, so that the scan and these loads share one memory latency).
-__device__ __forceinline__ void send_fp8_row(const DispatchArgs& a, int64_t t, const int* slots, uint32_t mask,
+// The token's row, cast; `first`: the warp's first round, loaded by the caller (before the
+// token's ids, so that both share one memory latency).
+__device__ __forceinline__ void send_fp8_row(const DispatchArgs& a, int64_t t, uint32_t mask,
                                              const Fp8Round& first) {
   const int warp = threadIdx.x >> 5, groups = a.hidden / static_cast<int>(wire::kFp8Block);
-  cast_fp8_round(a, warp, first, slots, mask);
+  cast_fp8_round(a, t, warp, first, mask);
   for (int g0 = warp + kLLWarps * kGroupsInFlight; g0 < groups; g0 += kLLWarps * kGroupsInFlight) {
     Fp8Round r;
     load_fp8_round(a, t, g0, r);
-    cast_fp8_round(a, g0, r, slots, mask);
+    cast_fp8_round(a, t, g0, r, mask);
   }
 }
 
-__device__ __forceinline__ void send_bf16_row(const DispatchArgs& a, int64_t t, const int* slots, uint32_t mask) {
+__device__ __forceinline__ void send_bf16_row(const DispatchArgs& a, int64_t t, uint32_t mask) {
   constexpr int kUnroll = 2;
   const auto* src = reinterpret_cast<const int4*>(a.x + t * a.hidden);
   const int vectors = a.hidden / 8, stride = blockDim.x;
@@ -176,7 +179,7 @@ __device__ __forceinline__ void send_bf16_row(const DispatchArgs& a, int64_t t, 
     }
     for (int d = 0; d < a.v.num_ranks; ++d) {
       if (!((mask >> d) & 1u)) continue;
-      auto* dst = reinterpret_cast<int4*>(slab_row(a, d, slots[d]));
+      auto* dst = reinterpret_cast<int4*>(slab_row(a, d, t));
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (i0 + u * stride < vectors) dst[i0 + u * stride] = value[u];
@@ -189,8 +192,6 @@ __device__ __forceinline__ void send_bf16_row(const DispatchArgs& a, int64_t t, 
 // `ticket`: this block's start ticket on our send counter of the slab (taken after
 // drain_if_moved, which every block runs first).
 __device__ __forceinline__ bool send_rows(const DispatchArgs& a, uint64_t ticket) {
-  __shared__ int slots[kMaxNvlRanks];
-  __shared__ int sent_rows[kMaxNvlRanks];  // rows per destination, in the block with our last token
   const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
   LowLatencyControl* mine = ll_control(a.v.base[me]);
   if (!wait_freed(a.v, kLLDispatch, a.slab, units_before(ticket), kWaitLowLatencyDispatchFreed)) {
@@ -200,38 +201,31 @@ __device__ __forceinline__ bool send_rows(const DispatchArgs& a, uint64_t ticket
   if (threadIdx.x == 0 && completes_unit(ticket)) mine->layout_key = a.layout_key;
 
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
-    Fp8Round first;  // the token's first loads go out before the slot scan's
+    Fp8Round first;  // the token's first loads go out before its ids'
     if (a.use_fp8) load_fp8_round(a, t, threadIdx.x >> 5, first);
     const uint32_t mask = token_rank_mask(a.topk_idx, t, K, a.num_experts, a.per_rank);
-    slots_before(a.topk_idx, t, K, a.num_experts, a.per_rank, R, slots);
     if (a.use_fp8) {
-      send_fp8_row(a, t, slots, mask, first);
+      send_fp8_row(a, t, mask, first);
     } else {
-      send_bf16_row(a, t, slots, mask);
+      send_bf16_row(a, t, mask);
     }
     for (int d = 0; d < R; ++d) {
-      if (!((mask >> d) & 1u)) continue;
-      uint8_t* row = slab_row(a, d, slots[d]);
-      if (threadIdx.x == 0) *reinterpret_cast<int32_t*>(row + a.row.src_offset()) = t;
-      if (threadIdx.x < K) {
+      uint8_t* row = slab_row(a, d, t);
+      const bool sent = (mask >> d) & 1u;
+      if (threadIdx.x == 0) *reinterpret_cast<int32_t*>(row + a.row.src_offset()) = sent ? t : -1;
+      if (sent && threadIdx.x < K) {
         reinterpret_cast<int32_t*>(row + a.row.topk_offset())[threadIdx.x] =
             static_cast<int32_t>(a.topk_idx[static_cast<int64_t>(t) * K + threadIdx.x]);
       }
     }
-    if (t == a.num_tokens - 1 && threadIdx.x < R) {
-      sent_rows[threadIdx.x] = slots[threadIdx.x] + static_cast<int>((mask >> threadIdx.x) & 1u);
-    }
-    __syncthreads();  // `slots` is rewritten for the next token
   }
 
-  // Our rows are out: this block's share of the arrivals at every destination, after the row
-  // count from the block that sent our last token (block 0 posts 0 when we have no tokens).
-  const bool posts_rows = a.num_tokens == 0 ? blockIdx.x == 0
-                                            : (a.num_tokens - 1) % gridDim.x == blockIdx.x;
+  // Our rows are out: this block's share of the arrivals at every destination, after our token
+  // count (block 0 posts it: rows [0, num_tokens) of our block in the slab were all written).
   __syncthreads();
   if (threadIdx.x < R) {
     LowLatencyControl* peer = ll_control(a.v.base[threadIdx.x]);
-    if (posts_rows) peer->dispatch_rows[a.slab][me] = a.num_tokens == 0 ? 0 : sent_rows[threadIdx.x];
+    if (blockIdx.x == 0) peer->dispatch_rows[a.slab][me] = a.num_tokens;
     add_share_release(&peer->arrivals[kLLDispatch][a.slab][me]);
   }
   return true;
@@ -275,7 +269,7 @@ __device__ __forceinline__ void expand_expert(const DispatchArgs& a, int e, cons
   for (int first = 0; first < RM; first += blockDim.x) {
     const int j = first + threadIdx.x;
     bool hit = false;
-    if (j < RM && j % M < valid[j / M]) {
+    if (j < RM && j % M < valid[j / M] && row_src(a, j) >= 0) {
       for (int k = 0; k < K; ++k) hit |= row_expert(a, j, k) == expert;
     }
     int chunk = 0;
@@ -305,7 +299,7 @@ __device__ __forceinline__ void expand_expert(const DispatchArgs& a, int e, cons
   if (e == 0) {  // entries no local expert claims, and every entry of a slot no row came into
     for (int i = threadIdx.x; i < RM * K; i += blockDim.x) {
       const int j = i / K, k = i % K;
-      if (j % M >= valid[j / M]) {
+      if (j % M >= valid[j / M] || row_src(a, j) < 0) {
         a.token_slots[i] = -1;
         continue;
       }

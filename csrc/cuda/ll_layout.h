@@ -1,13 +1,15 @@
 // The low-latency ops' NVLink buffer (one per group, apart from the normal ops' buffer):
 //
 //   [0, kControlBytes)   LowLatencyControl: counters kept locally, flags written by peers
-//   then, per phase, two alternating slabs of R*M rows (R ranks, M token slots per rank):
-//     dispatch   row (source rank, slot): the token's wire row (csrc/collective/wire_format.h)
-//     weights    row (source rank, slot): the token's top-k weights, for the expert side
-//     partials   row (expert rank, slot): that rank's weighted sum over its experts, BF16
+//   then, per phase, two alternating slabs of R*M rows (R ranks, M token slots per rank; a
+//   token's slot is its index among its rank's tokens):
+//     dispatch   row (source rank, token): the token's wire row (csrc/collective/wire_format.h)
+//     weights    row (source rank, token): the token's top-k weights, for the expert side
+//     partials   row (expert rank, token): that rank's weighted sum over its experts, BF16
 //
-// A dispatch slab's rows from source s are valid up to dispatch_rows[slab][s], which s posts
-// with its arrivals; rows past it hold stale bytes.
+// A dispatch slab's rows from source s are written up to dispatch_rows[slab][s] (s's token
+// count), which s posts with its arrivals: the row of a token that does not come to us carries
+// only a -1 source; rows past the count hold stale bytes.
 //
 // Slab sizes are those of the largest format (BF16), so the offsets depend only on (R, M,
 // hidden, top-k), which every rank passes alike. Which slab a call uses is chosen on the host
@@ -38,7 +40,7 @@ struct LowLatencyControl {
   uint64_t arrivals[kLLPhases][2][kMaxNvlRanks];  // by source s: its sends into our slab p
   uint64_t freed[kLLPhases][2][kMaxNvlRanks];     // by receiver d: its reads of our rows in slab p
   int64_t layout_key;                            // local: LowLatencyGeometry::key() of the last send
-  int32_t dispatch_rows[2][kMaxNvlRanks];        // by source s: rows of its last send into slab p
+  int32_t dispatch_rows[2][kMaxNvlRanks];        // by source s: tokens of its last send into slab p
 };
 static_assert(sizeof(LowLatencyControl) <= kControlBytes - kTrippedOffsetFromControlEnd);
 
