@@ -400,7 +400,8 @@ class Buffer(LowLatencyMethods):
 
         wants_counts = topk_idx is not None and num_worst_tokens == 0
         if wants_counts:
-            # The NVLink kernels then count them in notify and leave them (csrc/dispatch_counts.h).
+            # The NVLink kernels then count them in notify and leave them on the host with the
+            # totals they read at their sync (csrc/dispatch_counts.h).
             _C.request_dispatch_counts(self.group_name)
         outputs = ops.dispatch(
             x, x_scales, topk_idx, topk_weights, is_token_in_rank,
@@ -411,8 +412,8 @@ class Buffer(LowLatencyMethods):
         )
         counts_list = []
         if wants_counts:
-            # The NVLink kernels leave the counts they read at their sync (csrc/dispatch_counts.h);
-            # otherwise tolist() waits for the device tensor.
+            # None when none were left (the collective backend, or notify could not count them):
+            # then tolist() waits for the device tensor.
             counts_list = _C.take_dispatch_counts(self.group_name)
             if counts_list is None:
                 counts_list = counts.tolist()

@@ -14,20 +14,12 @@
 namespace ep_ops::collective {
 namespace {
 
-// Rows of this rank's tokens placed by (destination rank, slot), a token's slot being its own
-// index: [R, M, row width], zero where a token does not go.
+// Rows of this rank's tokens placed by (destination rank, slot): [R, M, row width], zero where a
+// token does not go.
 Tensor to_slots(const Tensor& rows, const std::vector<Tensor>& tokens, int64_t num_max) {
-  const int64_t num_ranks = static_cast<int64_t>(tokens.size());
-  auto out = at::zeros({num_ranks, num_max, rows.size(1)}, rows.options());
-  for (int64_t r = 0; r < num_ranks; ++r) {
-    out[r].index_copy_(0, tokens[r], rows.index_select(0, tokens[r]));
-  }
+  auto out = at::zeros({static_cast<int64_t>(tokens.size()), num_max, rows.size(1)}, rows.options());
+  place_at_token_slots(out, rows, tokens);
   return out;
-}
-
-std::vector<Tensor> token_lists(const Tensor& topk_idx, int64_t experts_per_rank,
-                                int64_t num_ranks) {
-  return tokens_per_rank(token_in_rank(topk_idx, experts_per_rank, num_ranks));
 }
 
 // For each received (source rank, slot): sum over k of weight * expert row, float32 [R*M, H].
@@ -85,7 +77,7 @@ Tensor send_partials(const Tensor& x, const Tensor& topk_idx, const Tensor& topk
   });
   exchange_combine_header(group, op, x, topk_idx, num_max, use_logfmt, checked);
 
-  auto tokens = token_lists(topk_idx, x.size(0), num_ranks);
+  auto tokens = tokens_per_rank(topk_idx, x.size(0), num_ranks);
   auto weights = all_to_all_equal(group, to_slots(topk_weights, tokens, num_max));
   auto partials = expert_partials(x, weights, recv_token_slots);
   auto rows = encode_partials(partials, use_logfmt);
@@ -120,7 +112,7 @@ Tensor low_latency_combine_recv(const Tensor& recv_partials, const Tensor& topk_
                     "ep_ops.", op, ": recv_partials must have shape [", num_ranks, ", ", num_max,
                     ", ", row_bytes, "], got ", recv_partials.sizes());
 
-  auto tokens = token_lists(topk_idx, per_rank, num_ranks);
+  auto tokens = tokens_per_rank(topk_idx, per_rank, num_ranks);
   auto acc = at::zeros({topk_idx.size(0), hidden}, recv_partials.options().dtype(at::kFloat));
   for (int64_t r = 0; r < num_ranks; ++r) {
     auto rows = recv_partials[r].index_select(0, tokens[r]);
@@ -156,7 +148,7 @@ std::tuple<Tensor, Tensor> low_latency_combine_backward(
 
   // Out: each token's gradient row and weights to the ranks holding its experts.
   const int64_t per_rank = x.size(0), hidden = x.size(2), num_topk = topk_idx.size(1);
-  auto tokens = token_lists(topk_idx, per_rank, num_ranks);
+  auto tokens = tokens_per_rank(topk_idx, per_rank, num_ranks);
   auto rows = at::cat({byte_rows(grad_combined_x.contiguous()), byte_rows(topk_weights)}, 1);
   auto received = all_to_all_equal(group, to_slots(rows, tokens, num_max));
   auto flat_rows = received.view({num_ranks * num_max, -1});

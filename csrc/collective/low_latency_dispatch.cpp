@@ -61,10 +61,7 @@ Tensor send_tokens(const Tensor& x, const Tensor& topk_idx, int64_t num_max, int
   // index); every other slot carries source index -1 (all bytes 0xFF), every other byte zero.
   auto send = at::zeros({num_ranks, num_max, row.bytes()}, x.options().dtype(at::kByte));
   send.narrow(2, row.src_offset(), 4).fill_(0xFF);
-  auto tokens = tokens_per_rank(token_in_rank(topk_idx, num_experts / num_ranks, num_ranks));
-  for (int64_t r = 0; r < num_ranks; ++r) {
-    send[r].index_copy_(0, tokens[r], rows.index_select(0, tokens[r]));
-  }
+  place_at_token_slots(send, rows, tokens_per_rank(topk_idx, num_experts / num_ranks, num_ranks));
   return all_to_all_equal(group, send);
 }
 

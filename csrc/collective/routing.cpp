@@ -20,4 +20,16 @@ std::vector<at::Tensor> tokens_per_rank(const at::Tensor& mask) {
   return lists;
 }
 
+std::vector<at::Tensor> tokens_per_rank(const at::Tensor& topk_idx, int64_t experts_per_rank,
+                                        int64_t num_ranks) {
+  return tokens_per_rank(token_in_rank(topk_idx, experts_per_rank, num_ranks));
+}
+
+void place_at_token_slots(at::Tensor& out, const at::Tensor& rows,
+                          const std::vector<at::Tensor>& tokens) {
+  for (size_t r = 0; r < tokens.size(); ++r) {
+    out[static_cast<int64_t>(r)].index_copy_(0, tokens[r], rows.index_select(0, tokens[r]));
+  }
+}
+
 }  // namespace ep_ops::collective
