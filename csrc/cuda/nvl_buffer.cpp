@@ -9,24 +9,24 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 
 namespace ep_ops::cuda {
 namespace {
 
-// The watchdog's record: pinned host memory the device writes through its mapping.
+// The buffer's mapped host area (the watchdog's record, exact dispatch's totals), zeroed.
 // cudaFreeHost waits for the device, so no kernel still writes it when it goes.
-std::shared_ptr<WaitFailure> make_wait_failure_record() {
+std::shared_ptr<MappedHostArea> make_mapped_host_area() {
   void* host = nullptr;
-  C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(WaitFailure), cudaHostAllocMapped | cudaHostAllocPortable));
-  *static_cast<WaitFailure*>(host) = WaitFailure{};
-  return std::shared_ptr<WaitFailure>(static_cast<WaitFailure*>(host),
-                                      [](WaitFailure* p) { cudaFreeHost(p); });
+  C10_CUDA_CHECK(cudaHostAlloc(&host, sizeof(MappedHostArea), cudaHostAllocMapped | cudaHostAllocPortable));
+  return std::shared_ptr<MappedHostArea>(new (host) MappedHostArea{},
+                                         [](MappedHostArea* p) { cudaFreeHost(p); });
 }
 
 struct Entry {
   at::Tensor local;  // keeps the allocation alive while registered
   c10::intrusive_ptr<c10d::symmetric_memory::SymmetricMemory> handle;
-  std::shared_ptr<WaitFailure> wait_failure;
+  std::shared_ptr<MappedHostArea> mapped;  // pinned host memory the kernels write
   PeerView view;
   int next_slab[4] = {0, 0, 0, 0};  // low-latency buffer: per phase, the slab of the next call
 };
@@ -68,17 +68,17 @@ at::Tensor init_nvl_buffer(const at::Tensor& device_hint, const std::string& gro
   view.num_ranks = num_ranks;
   view.region_bytes = (num_bytes - kControlBytes) / 2 / 16 * 16;
   view.num_bytes = num_bytes;
-  auto wait_failure = make_wait_failure_record();
-  void* record_on_device = nullptr;
-  C10_CUDA_CHECK(cudaHostGetDevicePointer(&record_on_device, wait_failure.get(), 0));
+  auto mapped = make_mapped_host_area();
+  void* mapped_on_device = nullptr;
+  C10_CUDA_CHECK(cudaHostGetDevicePointer(&mapped_on_device, mapped.get(), 0));
   view.watchdog.tripped = reinterpret_cast<uint32_t*>(view.base[view.rank] + kControlBytes -
                                                       kTrippedOffsetFromControlEnd);
-  view.watchdog.record = static_cast<WaitFailure*>(record_on_device);
-  view.watchdog.host_record = wait_failure.get();
+  view.watchdog.record = &static_cast<MappedHostArea*>(mapped_on_device)->wait_failure;
+  view.watchdog.host_record = &mapped->wait_failure;
   view.watchdog.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
 
   std::lock_guard<std::mutex> lock(registry_mutex);
-  registry()[Key{group_name, low_latency}] = Entry{local, handle, wait_failure, view};
+  registry()[Key{group_name, low_latency}] = Entry{local, handle, mapped, view};
   return local;
 }
 

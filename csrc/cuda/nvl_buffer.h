@@ -11,9 +11,11 @@
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>  // __host__ __device__ for PeerView
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "nvl_watchdog.h"
 
@@ -54,6 +56,31 @@ struct Control {
   uint64_t combine_chunk_rows[kMaxNvlRanks][kMaxCombineChunks];
 };
 static_assert(sizeof(Control) <= kControlBytes - kTrippedOffsetFromControlEnd);
+
+// Exact-mode dispatch's totals for the host (nvl_exact_totals.h): notify writes them through
+// the mapping, then `sequence` = the request number the host passed it. One per buffer: an exact
+// dispatch reads its own totals before it returns, and a buffer serves one stream at a time.
+struct HostTotals {
+  int32_t totals[kMaxNvlRanks + kMaxNotifyExperts];  // per rank, then per local expert
+  uint64_t sequence;      // written by the device, after the totals
+  uint64_t last_request;  // host only: the request number of the latest exact dispatch
+};
+
+// The buffer's pinned host memory, mapped into the device, allocated and freed with the buffer.
+// The watchdog's record comes first, so PeerView's two record pointers (device and host address)
+// locate the totals too and the kernels' arguments keep their size.
+struct MappedHostArea {
+  WaitFailure wait_failure;
+  alignas(64) HostTotals dispatch_totals;  // a cache line of its own: the host polls it
+};
+static_assert(std::is_standard_layout_v<MappedHostArea>);
+
+// The totals of the area whose watchdog record is at `record` (device or host address; address
+// arithmetic only).
+inline HostTotals* host_totals_of(WaitFailure* record) {
+  return reinterpret_cast<HostTotals*>(reinterpret_cast<char*>(record) +
+                                       offsetof(MappedHostArea, dispatch_totals));
+}
 
 // Device-side view handed to kernels by value.
 struct PeerView {

@@ -9,6 +9,9 @@
 //   recv:   copy the rows out into the output tensors, then tell the sources their rows are
 //           consumed.
 // Epochs and counters live in the buffer, so a captured graph replays correctly.
+// Exact mode (no num_worst_tokens, no handle) reads notify's totals on the host to size its
+// outputs: through the buffer's mapped host area, with the overlapped kernel's send blocks
+// already running on a side stream (nvl_exact_totals.h says how and why).
 //
 // Two shapes of send + recv, with the same outputs bit for bit (nvl_dispatch_rows.cuh has the
 // per-row code both use):
@@ -55,6 +58,7 @@
 #include "nvl_dispatch.h"
 #include "nvl_dispatch_overlap.h"
 #include "nvl_dispatch_rows.cuh"
+#include "nvl_exact_totals.h"
 #include "nvl_positions.cuh"
 #include "nvl_recv_done.cuh"
 #include "nvl_rows.cuh"
@@ -119,15 +123,23 @@ __device__ __forceinline__ void count_expert_tokens(const int64_t* topk, int num
 // with the totals: Buffer.dispatch's list of counts without a second sync). experts_per_rank <=
 // kMaxNotifyExperts. A flag, not topk's nullness: a rank with no tokens has a null topk and must
 // still post its (zero) counts.
+// host (exact mode): the totals also go to the buffer's mapped host area, stamped with `request`
+// once they are all there (nvl_exact_totals.h).
 __global__ void __launch_bounds__(kScanThreads) notify_kernel(
     PeerView v, const bool* in_rank, int num_tokens, const int32_t* given_prefix,
     int32_t* prefix_out, int32_t* totals_out, int32_t* positions, int32_t* own_tokens,
-    bool count_experts, const int64_t* topk, int num_topk, int experts_per_rank) {
+    bool count_experts, const int64_t* topk, int num_topk, int experts_per_rank,
+    HostTotals* host, uint64_t request) {
   __shared__ int32_t counts[kMaxNvlRanks];
   __shared__ int32_t expert_hist[kMaxNvlRanks * kMaxNotifyExperts];
   __shared__ uint64_t epoch;
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x;
   Control* mine = v.control(me);
+  const auto post_total = [&](int i, int32_t value) {
+    totals_out[i] = value;
+    // volatile: the host polls the mapped area
+    if (host != nullptr) *reinterpret_cast<volatile int32_t*>(&host->totals[i]) = value;
+  };
   if (tid == 0) epoch = mine->dispatch_epoch + 1;
   __syncthreads();
   const uint64_t cur = epoch;
@@ -168,7 +180,7 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
         running += *reinterpret_cast<volatile int32_t*>(&mine->counts[i][tid]);
         prefix_out[i * R + tid] = running;
       }
-      totals_out[tid] = running;
+      post_total(tid, running);
     }
     // Only when every source counted this epoch (a rank whose caller did not ask posts none):
     // else -1, and the host leaves no counts.
@@ -179,22 +191,30 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
     for (int e = tid; count_experts && e < experts_per_rank; e += blockDim.x) {
       int32_t sum = 0;
       for (int s = 0; s < R; ++s) sum += *reinterpret_cast<volatile int32_t*>(&mine->expert_counts[s][e]);
-      totals_out[R + e] = every_source_counted ? sum : -1;
+      post_total(R + e, every_source_counted ? sum : -1);
     }
   } else if (tid < R) {  // cached dispatch: the handle's prefix matrix has the counts
-    totals_out[tid] = given_prefix[(R - 1) * R + tid];
+    post_total(tid, given_prefix[(R - 1) * R + tid]);
   }
   __syncthreads();
-  if (tid == 0) mine->dispatch_epoch = cur;
+  if (tid == 0) {
+    mine->dispatch_epoch = cur;
+    if (host != nullptr) {
+      fence_system();  // every thread's totals (seen through the barrier) before the stamp
+      store_release(&host->sequence, request);
+    }
+  }
 }
 
 // A dispatch that stops after notify (a capacity error seen by every rank alike) still closes
 // its epoch: as a sender it reports its send blocks done, as a receiver its rows consumed.
-__global__ void abort_kernel(PeerView v) {
+// as_sender false: the send blocks ran already (a split launch: they skipped their rows and
+// reported themselves, nvl_dispatch_overlap.h).
+__global__ void abort_kernel(PeerView v, bool as_sender) {
   const int tid = threadIdx.x;
   if (tid >= v.num_ranks) return;
   const uint64_t cur = v.control(v.rank)->dispatch_epoch;
-  add_release(&v.control(tid)->dispatch_arrivals[v.rank], kSendBlocks);
+  if (as_sender) add_release(&v.control(tid)->dispatch_arrivals[v.rank], kSendBlocks);
   store_release(&v.control(tid)->dispatch_freed[v.rank], cur);
 }
 
@@ -298,26 +318,49 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   // every row from the buffer.
   const bool self_direct = overlap.enabled && !routing_only;
   auto own_tokens = at::empty({self_direct ? num_tokens : 0}, int_options);
+  const TotalsRequest host_totals = exact ? next_totals_request(v) : TotalsRequest{nullptr, 0};
   notify_kernel<<<1, kScanThreads, 0, stream>>>(
       v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
       given_prefix.has_value() ? prefix.data_ptr<int32_t>() : nullptr,
       given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(), totals.data_ptr<int32_t>(),
       positions.data_ptr<int32_t>(), self_direct ? own_tokens.data_ptr<int32_t>() : nullptr,
-      notify_counts, notify_counts ? idx->data_ptr<int64_t>() : nullptr, num_topk, static_cast<int>(per_rank));
+      notify_counts, notify_counts ? idx->data_ptr<int64_t>() : nullptr, num_topk, static_cast<int>(per_rank),
+      host_totals.device, host_totals.request);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Output rows: exact mode reads the totals (the host sync of exact mode); worst-token mode and
-  // cached dispatch know them already. Every rank sees every total, so all fail alike.
+  auto w = has_weights ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
+  auto s = x_scales.has_value() ? std::optional<at::Tensor>(x_scales->contiguous()) : std::nullopt;
+  DispatchSendArgs send{static_cast<const uint8_t*>(x.data_ptr()), bytes_of(s), bytes_of(idx), bytes_of(w),
+                in_rank.data_ptr<bool>(), positions.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
+                static_cast<int>(num_tokens), row, 4LL * num_scales, 8LL * num_topk,
+                has_weights ? 4LL * num_topk : 0};
+
+  // Exact mode: the send part starts on the side stream when notify ends, while the host reads
+  // the totals (nvl_exact_totals.h); `join` puts the side stream back into ours on every exit.
+  const bool split = exact && overlap.enabled && self_direct && exact_split_wanted();
+  ExactSplitSync* sync = exact ? &exact_split_sync(x.get_device()) : nullptr;
+  if (exact) C10_CUDA_CHECK(cudaEventRecord(sync->notified, stream));
+  if (split) {
+    C10_CUDA_CHECK(cudaStreamWaitEvent(sync->side, sync->notified, 0));
+    DispatchRecvArgs rows_to_self{};  // all the send part reads of the receive's arguments
+    rows_to_self.own_tokens = own_tokens.data_ptr<int32_t>();
+    launch_dispatch_overlap(overlap, v, send, rows_to_self, capacity_rows, sync->side, OverlapPart::kSend,
+                            totals.data_ptr<int32_t>());
+  }
+  const SideStreamJoin join(split ? sync : nullptr, stream);
+  // Sized without the totals: zeroed before the host's wait, off the path to the receive's launch.
+  auto expert_counts = at::zeros({idx.has_value() ? per_rank : 0}, int_options);
+
+  // Output rows: exact mode reads the totals (its host wait); worst-token mode and cached
+  // dispatch know them already. Every rank sees every total, so all fail alike.
   NvlDispatchResult out;
   int64_t num_rows = given_rows >= 0 ? given_rows : num_worst_tokens;
   if (exact) {
-    auto host_totals = totals.cpu();
-    check_watchdog(v, "dispatch");  // a peer that never posted its counts: raise in this call
-    const int32_t* t = host_totals.data_ptr<int32_t>();
+    const int32_t* t = wait_host_totals(v, host_totals.request, sync->notified, "dispatch");
     int64_t most = 0;
     for (int r = 0; r < R; ++r) most = std::max<int64_t>(most, t[r]);
     if (most > capacity_rows) {
-      abort_kernel<<<1, 32, 0, stream>>>(v);
+      abort_kernel<<<1, 32, 0, stream>>>(v, /*as_sender=*/!split);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       TORCH_CHECK_VALUE(false, "ep_ops.dispatch: the NVLink buffer is too small: a rank receives ",
                         most, " rows of ", row.bytes(), " bytes; num_nvl_bytes must be at least ",
@@ -334,14 +377,6 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                     num_rows, "; num_nvl_bytes must be at least ",
                     kControlBytes + 2 * num_rows * row.bytes());
 
-  // send
-  auto w = has_weights ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
-  auto s = x_scales.has_value() ? std::optional<at::Tensor>(x_scales->contiguous()) : std::nullopt;
-  DispatchSendArgs send{static_cast<const uint8_t*>(x.data_ptr()), bytes_of(s), bytes_of(idx), bytes_of(w),
-                in_rank.data_ptr<bool>(), positions.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
-                static_cast<int>(num_tokens), row, 4LL * num_scales, 8LL * num_topk,
-                has_weights ? 4LL * num_topk : 0};
-
   // recv
   const bool copy_rows = !routing_only;
   out.recv_x = at::empty(copy_rows ? at::IntArrayRef{num_rows, hidden} : at::IntArrayRef{0}, x.options());
@@ -351,7 +386,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                                 x.options().dtype(at::kLong));
   out.recv_topk_weights = at::empty(has_weights ? at::IntArrayRef{num_rows, num_topk} : at::IntArrayRef{0},
                                     x.options().dtype(at::kFloat));
-  out.num_recv_tokens_per_expert = at::zeros({idx.has_value() ? per_rank : 0}, int_options);
+  out.num_recv_tokens_per_expert = expert_counts;
   out.recv_src_idx = at::empty({num_rows}, int_options);
   out.rank_prefix_matrix = prefix;
   DispatchRecvArgs recv{copy_rows ? static_cast<uint8_t*>(out.recv_x.data_ptr()) : nullptr,
@@ -362,7 +397,9 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                 out.num_recv_tokens_per_expert.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
                 num_rows, row, copy_rows ? num_scales : 0, num_topk, static_cast<int>(per_rank),
                 /*post_freed=*/copy_rows, self_direct ? own_tokens.data_ptr<int32_t>() : nullptr};
-  if (overlap.enabled) {
+  if (split) {
+    launch_dispatch_overlap(overlap, v, send, recv, capacity_rows, stream, OverlapPart::kReceive);
+  } else if (overlap.enabled) {
     launch_dispatch_overlap(overlap, v, send, recv, capacity_rows, stream);
   } else {
     send_kernel<<<kSendBlocks, kThreads, 0, stream>>>(v, send);

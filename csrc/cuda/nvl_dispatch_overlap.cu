@@ -45,11 +45,22 @@ constexpr int kDefaultSendBlocks = 32;
 constexpr int kDefaultRecvBlocks = 64;
 
 struct ChunkPlan {
-  int send_blocks;    // S: blockIdx.x < S send
+  int send_blocks;    // S: blocks [0, S) of the S + Q send
+  int recv_blocks;    // Q: blocks [S, S + Q) receive
+  int first_block;    // the launch's first block among the S + Q (S for OverlapPart::kReceive)
   int chunk_rows;     // C
   int64_t capacity_rows;
   bool self_direct;   // our rows to ourselves skip the buffer (recv.own_tokens is set)
+  const int32_t* totals;  // OverlapPart::kSend: notify's per-rank totals (nvl_dispatch_overlap.h)
 };
+
+// Whether a destination receives more rows than fit (a split send, which starts before the
+// host's check, then sends nothing).
+__device__ __forceinline__ bool totals_overflow(const ChunkPlan& p, int R) {
+  bool overflow = false;
+  for (int d = 0; p.totals != nullptr && d < R; ++d) overflow |= p.totals[d] > p.capacity_rows;
+  return overflow;
+}
 
 // Lanes d < R whose bit is set in `rows` flag one row each on d's counter of its chunk (`pos`:
 // the row's index in our stream to d). The fence after the warp barrier orders every lane's row
@@ -67,14 +78,16 @@ __device__ __forceinline__ void flag_rows(const PeerView& v, const SendLane& s, 
 // A warp takes tokens t = warp, warp + S * kWarps, ...; the next token's destinations are loaded
 // while this one is sent, and a token's rows are flagged once the next token's first loads are
 // in flight (the fence waits for the rows to land: ~1-2 us that the loads now share).
-__device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendArgs& a, const ChunkPlan& p) {
+__device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendArgs& a, const ChunkPlan& p,
+                                          int block) {
   const int lane = threadIdx.x % 32, stride = p.send_blocks * kWarps;
+  const int num_tokens = totals_overflow(p, v.num_ranks) ? 0 : a.num_tokens;
   const SendLane lane_dest = send_lane(v, a, lane);
-  int t = blockIdx.x * kWarps + threadIdx.x / 32;
+  int t = block * kWarps + threadIdx.x / 32;
   TokenDest next = token_dest(v, a, lane_dest, t, p.capacity_rows, p.self_direct, lane);
   uint32_t pending = 0;  // the previous token's rows, not flagged yet
   int32_t pending_pos = 0;
-  for (; t < a.num_tokens; t += stride) {
+  for (; t < num_tokens; t += stride) {
     const TokenDest cur = next;
     next = token_dest(v, a, lane_dest, t + stride, p.capacity_rows, p.self_direct, lane);
     const uint32_t dests = __ballot_sync(0xffffffffu, cur.row != nullptr);
@@ -102,9 +115,9 @@ __device__ __forceinline__ void stream_of(const DispatchRecvArgs& a, const Chunk
 
 __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvArgs& a,
                                           const DispatchSendArgs& in, const ChunkPlan& p,
-                                          int32_t* hist) {
+                                          int32_t* hist, int q) {
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int q = blockIdx.x - p.send_blocks, num_q = gridDim.x - p.send_blocks;
+  const int num_q = p.recv_blocks;
   Control* mine = v.control(me);
   const uint64_t cur = mine->dispatch_epoch;
   for (int i = tid; i < a.experts_per_rank; i += blockDim.x) hist[i] = 0;
@@ -167,10 +180,11 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView 
                                                                         DispatchRecvArgs recv, ChunkPlan plan) {
   __shared__ int32_t hist[kMaxLocalExperts];
   if (watchdog_tripped(v.watchdog)) return;  // notify gave up: the prefix matrix is not valid
-  if (blockIdx.x < plan.send_blocks) {
-    send_role(v, send, plan);
+  const int block = plan.first_block + static_cast<int>(blockIdx.x);
+  if (block < plan.send_blocks) {
+    send_role(v, send, plan, block);
   } else {
-    recv_role(v, recv, send, plan, hist);
+    recv_role(v, recv, send, plan, hist, block - plan.send_blocks);
   }
 }
 
@@ -191,11 +205,15 @@ DispatchOverlapConfig dispatch_overlap_config() {
 
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
                              const DispatchSendArgs& send, const DispatchRecvArgs& recv,
-                             int64_t capacity_rows, cudaStream_t stream) {
+                             int64_t capacity_rows, cudaStream_t stream, OverlapPart part,
+                             const int32_t* totals) {
   const int64_t chunk = (capacity_rows + kMaxDispatchChunks - 1) / kMaxDispatchChunks;
-  const ChunkPlan plan{config.send_blocks, static_cast<int>(std::max<int64_t>(kWarps, chunk)), capacity_rows,
-                       /*self_direct=*/recv.own_tokens != nullptr};
-  dispatch_overlap_kernel<<<config.send_blocks + config.recv_blocks, kThreads, 0, stream>>>(v, send, recv, plan);
+  const int S = config.send_blocks, Q = config.recv_blocks;
+  const ChunkPlan plan{S, Q, part == OverlapPart::kReceive ? S : 0,
+                       static_cast<int>(std::max<int64_t>(kWarps, chunk)), capacity_rows,
+                       /*self_direct=*/recv.own_tokens != nullptr, part == OverlapPart::kSend ? totals : nullptr};
+  const int blocks = part == OverlapPart::kSend ? S : part == OverlapPart::kReceive ? Q : S + Q;
+  dispatch_overlap_kernel<<<blocks, kThreads, 0, stream>>>(v, send, recv, plan);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -21,10 +21,22 @@ struct DispatchOverlapConfig {
 };
 DispatchOverlapConfig dispatch_overlap_config();
 
-// Launches the overlapped send + receive on `stream`. capacity_rows: rows of this layout that fit
-// a dispatch region (the same on every rank).
+// Which blocks of the overlapped kernel a launch runs: all of them, or (exact mode's split,
+// nvl_exact_totals.h) the send blocks at once and the receive blocks later on another stream,
+// once the outputs exist. The receive blocks wait only for chunk counters that send blocks fill
+// (and with self_direct, not for our own send blocks at all), so the parts need not be resident
+// together; only the split uses kSend and kReceive, and it runs with self_direct.
+enum class OverlapPart { kAll, kSend, kReceive };
+
+// Launches the overlapped send + receive (or `part` of it) on `stream`. capacity_rows: rows of
+// this layout that fit a dispatch region (the same on every rank). totals (device, from notify;
+// with part == kSend): every send block skips all its rows when a destination's total is past
+// capacity_rows (every rank sees the same totals), so the host can raise with no chunk counter
+// left half counted. The send part reads only recv.own_tokens (whether our rows to ourselves
+// skip the buffer), which must be the receive part's.
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
                              const DispatchSendArgs& send, const DispatchRecvArgs& recv,
-                             int64_t capacity_rows, cudaStream_t stream);
+                             int64_t capacity_rows, cudaStream_t stream,
+                             OverlapPart part = OverlapPart::kAll, const int32_t* totals = nullptr);
 
 }  // namespace ep_ops::cuda

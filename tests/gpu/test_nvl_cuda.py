@@ -37,13 +37,16 @@ def test_nvl_ops_match_reference():
 
 def kernel_shapes_worker(rank, world_size, group_name):
     """The same cases with the separate send and receive kernels (EP_OPS_NVL_OVERLAP=0, what a GPU
-    that cannot hold the overlapped kernel's blocks at once runs), then with the overlapped ones
-    on the same buffer: both shapes keep the buffer's counters in step for each other."""
+    that cannot hold the overlapped kernel's blocks at once runs), then with the overlapped kernel
+    launched whole after exact mode's host read (EP_OPS_NVL_EXACT_SPLIT=0), then split (the
+    default) on the same buffer: every shape keeps the buffer's counters in step for the others."""
     buffer = init_nvl_buffer(dist.group.WORLD, NVL_BYTES)
     cases = [for_world(c, world_size) for c in NORMAL_CASES]
-    for overlap in ("0", "1"):
-        os.environ["EP_OPS_NVL_OVERLAP"] = overlap  # read at every call
+    for overlap, split in (("0", "1"), ("1", "0"), ("1", "1")):
+        os.environ["EP_OPS_NVL_OVERLAP"] = overlap  # both read at every call
+        os.environ["EP_OPS_NVL_EXACT_SPLIT"] = split
         normal_worker(rank, world_size, group_name, cases, "cuda")
+    del os.environ["EP_OPS_NVL_EXACT_SPLIT"]
     del buffer
 
 
@@ -153,7 +156,9 @@ def test_worst_token_graph_replays_with_changing_routing():
 def exact_mode_limits_worker(rank, world_size, group_name):
     """Exact mode on a buffer too small for the rows: every rank raises the error naming the size
     needed, and the failed call closes its epoch (abort_kernel): a dispatch that fits then matches
-    the reference. Under CUDA graph capture, exact mode is refused before any kernel is captured."""
+    the reference. Both with the send split from the receive (the default: its send blocks, which
+    start before the host's check, send nothing) and without (EP_OPS_NVL_EXACT_SPLIT=0). Under CUDA
+    graph capture, exact mode is refused before any kernel is captured."""
     ops = torch.ops.ep_ops
     small = for_world(Case(hidden=256, num_topk=2, num_experts=8, num_tokens=4), world_size)
     big = for_world(Case(hidden=256, num_topk=2, num_experts=8, num_tokens=64), world_size)
@@ -168,7 +173,8 @@ def exact_mode_limits_worker(rank, world_size, group_name):
             case.num_experts, 1, 0, group_name,
         )  # fmt: skip
 
-    for _ in range(2):  # the failed call closes its epoch: the next one finds the buffer in step
+    for split in ("1", "0", "1"):  # the failed call closes its epoch: the next one finds the buffer in step
+        os.environ["EP_OPS_NVL_EXACT_SPLIT"] = split
         expect_error(ValueError, ["NVLink buffer is too small", "num_nvl_bytes must be at least"],
                      dispatch, big, mine_on_gpu(all_inputs(big, world_size)))  # fmt: skip
         inputs = all_inputs(small, world_size)
@@ -180,6 +186,7 @@ def exact_mode_limits_worker(rank, world_size, group_name):
         assert_same(
             dispatch(small, mine_on_gpu(inputs)), expected[rank], f"rank {rank}: dispatch after the error"
         )
+    del os.environ["EP_OPS_NVL_EXACT_SPLIT"]
 
     me = mine_on_gpu(all_inputs(small, world_size))  # copies from the host cannot be captured
     torch.cuda.synchronize()
