@@ -16,8 +16,9 @@
 // Two shapes of send + recv, with the same outputs bit for bit (nvl_dispatch_rows.cuh has the
 // per-row code both use):
 //   overlapped (default; nvl_dispatch_overlap.cu): ONE kernel of S send blocks + Q receive
-//       blocks (32 + 64 by default, all resident at once). Senders post per-chunk progress (a
-//       release-add per row on the receiver's counter of its (source, chunk of C >= 16 rows)),
+//       blocks (32 + the rest of the device by default: 100 on 132 SMs; all resident at once).
+//       Senders post per-chunk progress (a release-add per row on the receiver's counter of its
+//       (source, chunk of C >= 16 rows)),
 //       and receive blocks copy each chunk out as soon as its counter is full, while the rest is
 //       still crossing NVLink. A rank's rows to itself skip the buffer: the receive blocks copy
 //       them from the send inputs (notify writes which token each of those rows is), one local
@@ -38,12 +39,13 @@
 // the sending warp (the warp waits for its writes to land: ~1-2 us, spent while its next token's
 // loads are in flight, and hidden by the other warps);
 // per chunk a spin by one thread and a block barrier on the receiver; 32 KB of chunk counters in
-// the control region; S + Q = 96 SMs busy for the whole send instead of 132 SMs in two phases;
+// the control region; S + Q = every SM (by default) busy for the whole send;
 // the receive blocks spin while they wait (local L2 polls).
 //
 // A/B: EP_OPS_NVL_OVERLAP=0 selects the separate kernels (read at every call; set it alike on
 // every rank). EP_OPS_NVL_SEND_BLOCKS (a divisor of 256, default 32) and EP_OPS_NVL_RECV_BLOCKS
-// (1..256, default 64) size the overlapped kernel for tuning; a pair the device cannot hold at
+// (1..256, default: the rest of the blocks the device holds, 100 on 132 SMs) size the overlapped
+// kernel for tuning; a pair the device cannot hold at
 // once falls back to the separate kernels. E.g.
 //   EP_OPS_NVL_OVERLAP=0 python3 -m ep_ops.bench --ranks 2   vs   python3 -m ep_ops.bench --ranks 2
 #include <ATen/ATen.h>

@@ -42,7 +42,6 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kSendBlocks = 256;  // the separate send kernel's blocks (nvl_dispatch.cu)
 constexpr int kDefaultSendBlocks = 32;
-constexpr int kDefaultRecvBlocks = 64;
 
 struct ChunkPlan {
   int send_blocks;    // S: blocks [0, S) of the S + Q send
@@ -190,17 +189,21 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView 
 
 }  // namespace
 
+// The receive blocks default to every block the device holds beside the send blocks (100 on a
+// 132-SM H100/H200): 2 x H200, session 11, 32 + 100 against 32 + 64 blocks in the same call:
+// dispatch BF16 244.5 / 244.5 us against 246.8 / 247.4, cached dispatch 228.8 / 228.2 against
+// 237.0 (BENCHMARKS.md). Fewer leave SMs to concurrent work: EP_OPS_NVL_RECV_BLOCKS.
 DispatchOverlapConfig dispatch_overlap_config() {
   const int send_blocks = env_int("EP_OPS_NVL_SEND_BLOCKS", kDefaultSendBlocks);
-  const int recv_blocks = env_int("EP_OPS_NVL_RECV_BLOCKS", kDefaultRecvBlocks);
   TORCH_CHECK_VALUE(kSendBlocks % send_blocks == 0, "ep_ops: EP_OPS_NVL_SEND_BLOCKS must divide ",
                     kSendBlocks, ", got ", send_blocks);
-  TORCH_CHECK_VALUE(recv_blocks <= kDispatchRecvBlocks, "ep_ops: EP_OPS_NVL_RECV_BLOCKS must be at most ",
-                    kDispatchRecvBlocks, ", got ", recv_blocks);
-  if (!overlap_wanted()) return {false, send_blocks, recv_blocks};
   static std::atomic<int> resident[64];
   const int blocks = resident_blocks(reinterpret_cast<const void*>(dispatch_overlap_kernel), kThreads, resident);
-  return {send_blocks + recv_blocks <= blocks, send_blocks, recv_blocks};
+  const int recv_blocks =
+      env_int("EP_OPS_NVL_RECV_BLOCKS", std::clamp(blocks - send_blocks, 1, kDispatchRecvBlocks));
+  TORCH_CHECK_VALUE(recv_blocks <= kDispatchRecvBlocks, "ep_ops: EP_OPS_NVL_RECV_BLOCKS must be at most ",
+                    kDispatchRecvBlocks, ", got ", recv_blocks);
+  return {overlap_wanted() && send_blocks + recv_blocks <= blocks, send_blocks, recv_blocks};
 }
 
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
