@@ -1,6 +1,7 @@
 """Times of the low-latency NVLink ops on the decode workload of HARDWARE.md (128 tokens per rank,
 hidden 7168, top-8 of 256 experts), launched eagerly and as CUDA-graph replays, plus rank 0's
-kernel table (torch.profiler). For tuning: python3 scripts/profile_ll.py [--ranks N].
+kernel table (torch.profiler: the ops, and each send and recv half as its own kernel). For tuning:
+python3 scripts/profile_ll.py [--ranks N].
 
 Each time is the median over 200 calls (eager) or replays of a graph holding 20 calls, with
 every rank entering each timed call together (a barrier on the stream before it)."""
@@ -88,12 +89,19 @@ def worker(
 
     table = ""
     if profile:
+        # The whole ops, then the hook pairs: each half is its own kernel (the send halves
+        # ll_dispatch_half_kernel<true> and the fused ll_combine_kernel<true, true, false, ...>,
+        # the recv halves the other two), so the table gives each half's kernel time, as
+        # DeepEP's hook-mode figures are measured (kernel durations from the profiler).
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 calls["dispatch FP8"]()
                 calls["combine BF16"]()
+            for _ in range(20):
+                for name, recv in recv_of.items():
+                    recv(calls[name]())
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=110)
     torch.cuda.synchronize()
     release_nvl_buffer(group_name, low_latency=True)
     del buffer
