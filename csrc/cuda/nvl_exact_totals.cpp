@@ -36,6 +36,9 @@ const int32_t* wait_host_totals(const PeerView& v, uint64_t request, cudaEvent_t
       TORCH_CHECK(false, "ep_ops.", op, ": notify ended without posting its totals (request ", request, ")");
     }
     if (state != cudaErrorNotReady) C10_CUDA_CHECK(state);
+    // Not ready is not an error, but the runtime may keep it as the thread's last error, which
+    // the next launch check would then raise (c10's CUDAStream::query clears it the same way).
+    (void)cudaGetLastError();
     if (std::chrono::steady_clock::now() - start > std::chrono::milliseconds(1)) std::this_thread::yield();
   }
 }
