@@ -18,11 +18,11 @@
 //   overlapped (default; nvl_dispatch_overlap.cu): ONE kernel of S send blocks + Q receive
 //       blocks (32 + the rest of the device by default: 100 on 132 SMs; all resident at once).
 //       Senders post per-chunk progress (a release-add per row on the receiver's counter of its
-//       (source, chunk of C >= 16 rows)),
-//       and receive blocks copy each chunk out as soon as its counter is full, while the rest is
-//       still crossing NVLink. A rank's rows to itself skip the buffer: the receive blocks copy
-//       them from the send inputs (notify writes which token each of those rows is), one local
-//       copy less (at 2 ranks, half the rows; measured in BENCHMARKS.md, session 5).
+//       (source, chunk of C >= 16 rows)), and receive blocks copy each chunk out as soon as its
+//       counter is full, while the rest is still crossing NVLink. A rank's rows to itself skip
+//       the buffer: the receive blocks copy them from the send inputs (notify writes which token
+//       each of those rows is), one local copy less (at 2 ranks, half the rows; measured in
+//       BENCHMARKS.md, session 5).
 //   separate (EP_OPS_NVL_OVERLAP=0, or when S + Q blocks cannot all be resident): send kernel
 //       (256 blocks) then recv kernel (256 blocks), which waits for every send block of every
 //       source before its first copy.
@@ -61,6 +61,7 @@
 #include "nvl_dispatch_overlap.h"
 #include "nvl_dispatch_rows.cuh"
 #include "nvl_exact_totals.h"
+#include "nvl_overlap_config.h"
 #include "nvl_positions.cuh"
 #include "nvl_recv_done.cuh"
 #include "nvl_rows.cuh"
@@ -339,7 +340,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
 
   // Exact mode: the send part starts on the side stream when notify ends, while the host reads
   // the totals (nvl_exact_totals.h); `join` puts the side stream back into ours on every exit.
-  const bool split = exact && overlap.enabled && self_direct && exact_split_wanted();
+  const bool split = exact && overlap.enabled && self_direct && env_switch_on("EP_OPS_NVL_EXACT_SPLIT");
   ExactSplitSync* sync = exact ? &exact_split_sync(x.get_device()) : nullptr;
   if (exact) C10_CUDA_CHECK(cudaEventRecord(sync->notified, stream));
   if (split) {

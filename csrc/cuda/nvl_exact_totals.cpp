@@ -5,8 +5,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <cstdlib>
-#include <string>
 #include <thread>
 
 namespace ep_ops::cuda {
@@ -41,11 +39,6 @@ const int32_t* wait_host_totals(const PeerView& v, uint64_t request, cudaEvent_t
     (void)cudaGetLastError();
     if (std::chrono::steady_clock::now() - start > std::chrono::milliseconds(1)) std::this_thread::yield();
   }
-}
-
-bool exact_split_wanted() {
-  const char* mode = std::getenv("EP_OPS_NVL_EXACT_SPLIT");
-  return mode == nullptr || std::string(mode) != "0";
 }
 
 ExactSplitSync& exact_split_sync(int device) {

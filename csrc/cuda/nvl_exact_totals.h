@@ -10,7 +10,7 @@
 //   - Split launch: the send blocks of the overlapped kernel start on a side stream as soon as
 //     notify ends, without waiting for the host; the receive blocks follow on the caller's
 //     stream once the host has allocated the outputs, and the caller's stream then waits for
-//     the side stream (ExactSplit). The send needs nothing the host computes; it skips every
+//     the side stream (SideStreamJoin). The send needs nothing the host computes; it skips every
 //     row when a destination's total is past the buffer, so the host can still raise cleanly.
 // EP_OPS_NVL_EXACT_SPLIT=0 (read at every call; set it alike on every rank) launches the whole
 // overlapped kernel after the host's read instead, for A/B.
@@ -36,9 +36,6 @@ TotalsRequest next_totals_request(const PeerView& v);
 // notify: when it completes without the stamp (notify gave up on a peer), raises the watchdog's
 // error; a CUDA error on the stream is raised too. Returns or raises once notify has ended.
 const int32_t* wait_host_totals(const PeerView& v, uint64_t request, cudaEvent_t notified, const char* op);
-
-// Whether exact mode launches its send before the host's read (EP_OPS_NVL_EXACT_SPLIT != "0").
-bool exact_split_wanted();
 
 // The side stream and the two events of a split launch on `device` (the current device), made
 // once per host thread and device and never freed (destroying them at exit could outlive the

@@ -19,8 +19,8 @@ int env_int(const char* name, int fallback) {
   return static_cast<int>(parsed);
 }
 
-bool overlap_wanted() {
-  const char* mode = std::getenv("EP_OPS_NVL_OVERLAP");
+bool env_switch_on(const char* name) {
+  const char* mode = std::getenv(name);
   return mode == nullptr || std::string(mode) != "0";
 }
 

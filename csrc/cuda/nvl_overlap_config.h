@@ -11,9 +11,12 @@ namespace ep_ops::cuda {
 // throws a ValueError naming the variable.
 int env_int(const char* name, int fallback);
 
+// A switch that is on unless the environment sets it to "0" (read at every call).
+bool env_switch_on(const char* name);
+
 // False when EP_OPS_NVL_OVERLAP=0 (both kernels then run their separate send and receive
 // kernels). Read at every call; every rank must see the same value.
-bool overlap_wanted();
+inline bool overlap_wanted() { return env_switch_on("EP_OPS_NVL_OVERLAP"); }
 
 // Blocks of `kernel` (launched with `threads` threads, no dynamic shared memory) that the
 // current device holds at once. `cache`: one slot per device id below 64 (0: not measured yet).
