@@ -42,6 +42,7 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kSendBlocks = 256;  // the separate send kernel's blocks (nvl_dispatch.cu)
 constexpr int kDefaultSendBlocks = 32;
+constexpr int kDefaultSplitSendBlocks = 64;  // exact mode's send part, launched alone
 
 struct ChunkPlan {
   int send_blocks;    // S: blocks [0, S) of the S + Q send
@@ -193,17 +194,24 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView 
 // 132-SM H100/H200): 2 x H200, session 11, 32 + 100 against 32 + 64 blocks in the same call:
 // dispatch BF16 244.5 / 244.5 us against 246.8 / 247.4, cached dispatch 228.8 / 228.2 against
 // 237.0 (BENCHMARKS.md). Fewer leave SMs to concurrent work: EP_OPS_NVL_RECV_BLOCKS.
+// The split's send part takes 64 blocks (64 + 68): 2 x H200, session 12, dispatch FP8 159.8 /
+// 160.1 us against 177.6 / 173.3 with 32 + 100, BF16 level (247.2 / 248.8 against 249.8 / 248.0).
+// The one launch keeps 32 + 100: cached dispatch took 242.0 / 242.4 with 64 + 68, against 231.8 /
+// 233.1. EP_OPS_NVL_SEND_BLOCKS, when set, sizes both.
 DispatchOverlapConfig dispatch_overlap_config() {
-  const int send_blocks = env_int("EP_OPS_NVL_SEND_BLOCKS", kDefaultSendBlocks);
-  TORCH_CHECK_VALUE(kSendBlocks % send_blocks == 0, "ep_ops: EP_OPS_NVL_SEND_BLOCKS must divide ",
-                    kSendBlocks, ", got ", send_blocks);
   static std::atomic<int> resident[64];
   const int blocks = resident_blocks(reinterpret_cast<const void*>(dispatch_overlap_kernel), kThreads, resident);
-  const int recv_blocks =
-      env_int("EP_OPS_NVL_RECV_BLOCKS", std::clamp(blocks - send_blocks, 1, kDispatchRecvBlocks));
-  TORCH_CHECK_VALUE(recv_blocks <= kDispatchRecvBlocks, "ep_ops: EP_OPS_NVL_RECV_BLOCKS must be at most ",
-                    kDispatchRecvBlocks, ", got ", recv_blocks);
-  return {overlap_wanted() && send_blocks + recv_blocks <= blocks, send_blocks, recv_blocks};
+  const auto sized = [&](int default_send) {
+    const int send = env_int("EP_OPS_NVL_SEND_BLOCKS", default_send);
+    TORCH_CHECK_VALUE(kSendBlocks % send == 0, "ep_ops: EP_OPS_NVL_SEND_BLOCKS must divide ", kSendBlocks,
+                      ", got ", send);
+    const int recv = env_int("EP_OPS_NVL_RECV_BLOCKS", std::clamp(blocks - send, 1, kDispatchRecvBlocks));
+    TORCH_CHECK_VALUE(recv <= kDispatchRecvBlocks, "ep_ops: EP_OPS_NVL_RECV_BLOCKS must be at most ",
+                      kDispatchRecvBlocks, ", got ", recv);
+    return OverlapBlocks{send, recv};
+  };
+  const OverlapBlocks all = sized(kDefaultSendBlocks), split = sized(kDefaultSplitSendBlocks);
+  return {overlap_wanted() && all.send + all.recv <= blocks, all, split};
 }
 
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
@@ -211,7 +219,8 @@ void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView
                              int64_t capacity_rows, cudaStream_t stream, OverlapPart part,
                              const int32_t* totals) {
   const int64_t chunk = (capacity_rows + kMaxDispatchChunks - 1) / kMaxDispatchChunks;
-  const int S = config.send_blocks, Q = config.recv_blocks;
+  const OverlapBlocks& b = part == OverlapPart::kAll ? config.all : config.split;
+  const int S = b.send, Q = b.recv;
   const ChunkPlan plan{S, Q, part == OverlapPart::kReceive ? S : 0,
                        static_cast<int>(std::max<int64_t>(kWarps, chunk)), capacity_rows,
                        /*self_direct=*/recv.own_tokens != nullptr, part == OverlapPart::kSend ? totals : nullptr};

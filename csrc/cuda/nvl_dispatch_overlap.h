@@ -15,9 +15,14 @@ namespace ep_ops::cuda {
 // a bad value fails before any kernel runs): `enabled` false when EP_OPS_NVL_OVERLAP=0 or when
 // the blocks could not all be resident at once (the caller then runs the separate send and
 // receive kernels). Every rank must see the same values.
+// Two block splits: `all` for the one launch of every block, `split` for exact mode's two
+// launches (OverlapPart below), whose send part starts alone on the device and takes more blocks.
+struct OverlapBlocks {
+  int send, recv;
+};
 struct DispatchOverlapConfig {
   bool enabled;
-  int send_blocks, recv_blocks;
+  OverlapBlocks all, split;
 };
 DispatchOverlapConfig dispatch_overlap_config();
 
