@@ -196,7 +196,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView 
 // 237.0 (BENCHMARKS.md). Fewer leave SMs to concurrent work: EP_OPS_NVL_RECV_BLOCKS.
 // The split's send part takes 64 blocks (64 + 68): 2 x H200, session 12, dispatch FP8 159.8 /
 // 160.1 us against 177.6 / 173.3 with 32 + 100, BF16 level (247.2 / 248.8 against 249.8 / 248.0).
-// The one launch keeps 32 + 100 (two calls of three had cached dispatch ~10 us slower with 64).
+// The one launch keeps 32 + 100 (with 64 + 68, cached dispatch took 242.0 / 242.4 against 231.8 /
+// 233.1 in the same call).
 // A receive part larger than the free SMs waits for the send's SMs: 64 + 100 took FP8 164.5,
 // 128 + 100 178.5. EP_OPS_NVL_SEND_BLOCKS, when set, sizes both.
 DispatchOverlapConfig dispatch_overlap_config() {
