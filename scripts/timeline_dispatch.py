@@ -48,9 +48,11 @@ def worker(rank, world_size, group_name, fp8=False, iters=10, experts=256):
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     ) as prof:
         event_us = [timed() for _ in range(iters)]
-    path = os.path.join(tempfile.mkdtemp(), f"trace{rank}.json")
-    prof.export_chrome_trace(path)
-    events = json.load(open(path))["traceEvents"]
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"trace{rank}.json")
+        prof.export_chrome_trace(path)
+        with open(path) as trace:
+            events = json.load(trace)["traceEvents"]
     calls = sorted(
         (e for e in events if e.get("name") == "ep_ops_call" and e.get("cat") == "user_annotation"),
         key=lambda e: e["ts"],
