@@ -54,6 +54,10 @@ struct Control {
   // Overlapped combine: rows of chunk k that rank d has written back into our combine region
   // this epoch (peers add, our last receive block resets them to 0 before freed).
   uint64_t combine_chunk_rows[kMaxNvlRanks][kMaxCombineChunks];
+  // Overlapped dispatch's receive, local: the next work item a block takes (each take adds 1;
+  // the launch's last block out resets it to 0), and the blocks out, cumulative.
+  uint64_t dispatch_recv_next;
+  uint64_t dispatch_recv_exits;
 };
 static_assert(sizeof(Control) <= kControlBytes - kTrippedOffsetFromControlEnd);
 

@@ -10,11 +10,18 @@
 //           Control::dispatch_chunk_rows[s][chunk] of the receiver (posted once the warp's loads
 //           of its next token are in flight). Warps take tokens in a grid stride, so each stream
 //           fills roughly front to back and its chunks complete in order.
-//   receiver: the chunks of all streams, interleaved (chunk 0 of every source, then chunk 1, ...)
-//           and preceded by the worst-token padding, are dealt round-robin to the Q blocks. A
-//           block's thread 0 waits until the chunk's counter holds its row count, resets it to 0
-//           (only we touch it until our freed flag lets the source send again), and the block's
-//           warps copy the chunk's rows out, a row per warp.
+//   receiver: work items, in this order: the worst-token padding, our own stream's chunks when
+//           they skip the buffer (nothing to wait for), then chunk k of every stream through the
+//           buffer, k by k. A block takes the next item from a counter in our control words
+//           (one atomic per item), so a block waiting for a late chunk holds up no other item.
+//           For a chunk, the block's thread 0 waits until its counter holds its row count,
+//           resets it to 0 (only we touch it until our freed flag lets the source send again),
+//           and the block's warps copy the chunk's rows out, a row per warp.
+// Why this order, and taken rather than dealt in fixed rounds: the rows of a send wave land
+// together at its end (S * kWarps warps write a row each), so the receive cannot finish before
+// the last wave's copy; what it can avoid is having our own rows, or a block's fixed share of
+// chunks that landed long ago, still to copy then (2 x H200, session 13: the copy after the
+// send's end went from 19-27 us to 8-10 for BF16; BENCHMARKS.md).
 // Rows a source could not place (past the region, which the host's checks rule out) are neither
 // written nor counted nor waited for. The send blocks add kSendBlocks / S to dispatch_arrivals
 // each, so that counter stays in step with the separate kernels and a process may switch paths
@@ -113,11 +120,42 @@ __device__ __forceinline__ void stream_of(const DispatchRecvArgs& a, const Chunk
   rows = rows_that_fit(base, a.prefix[s * R + me] - base, p.capacity_rows);
 }
 
+// The receive's work items in the order blocks take them (the top of this file).
+struct RecvItems {
+  int64_t pad_chunks;   // worst-token padding rows, C per item
+  int64_t own_chunks;   // our own stream's chunks when they skip the buffer, else 0
+  int64_t most_chunks;  // chunks of the longest stream through the buffer
+  int buffered;         // streams through the buffer: R - 1 with self_direct, else R
+  __device__ __forceinline__ int64_t count() const { return pad_chunks + own_chunks + most_chunks * buffered; }
+  // The source of the i-th buffered stream.
+  __device__ __forceinline__ int source(int i, int me, bool self_direct) const {
+    return self_direct && i >= me ? i + 1 : i;
+  }
+};
+
+__device__ __forceinline__ RecvItems recv_items(const DispatchRecvArgs& a, const ChunkPlan& p, int R, int me) {
+  const int64_t C = p.chunk_rows;
+  const int64_t num_valid = a.prefix[(R - 1) * R + me];
+  RecvItems w{(max(int64_t{0}, a.num_rows - num_valid) + C - 1) / C, 0, 0, p.self_direct ? R - 1 : R};
+  for (int s = 0; s < R; ++s) {
+    int64_t base, rows;
+    stream_of(a, p, R, me, s, base, rows);
+    const int64_t chunks = (rows + C - 1) / C;
+    if (p.self_direct && s == me) {
+      w.own_chunks = chunks;
+    } else {
+      w.most_chunks = max(w.most_chunks, chunks);
+    }
+  }
+  return w;
+}
+
+// Receive block q of Q takes work items until none is left, then posts its share of the freed
+// tickets; the last block out resets the item counter.
 __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvArgs& a,
                                           const DispatchSendArgs& in, const ChunkPlan& p,
-                                          int32_t* hist, int q) {
+                                          int32_t* hist, int64_t (&taken)[2], int q) {
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int num_q = p.recv_blocks;
   Control* mine = v.control(me);
   const uint64_t cur = mine->dispatch_epoch;
   for (int i = tid; i < a.experts_per_rank; i += blockDim.x) hist[i] = 0;
@@ -125,40 +163,40 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
 
   const int64_t C = p.chunk_rows;
   const int64_t num_valid = a.prefix[(R - 1) * R + me];
-  const int64_t pad_chunks = (max(int64_t{0}, a.num_rows - num_valid) + C - 1) / C;
-  int64_t most_chunks = 0;
-  for (int s = 0; s < R; ++s) {
-    int64_t base, rows;
-    stream_of(a, p, R, me, s, base, rows);
-    most_chunks = max(most_chunks, (rows + C - 1) / C);
-  }
+  const RecvItems work = recv_items(a, p, R, me);
+  const int64_t items = work.count();
   const int64_t first_expert = static_cast<int64_t>(me) * a.experts_per_rank;
   const int64_t row_bytes = a.row.bytes();
   const uint8_t* region = v.dispatch_region(me);
-  // Work items g (padding chunks, then chunk k of every stream in turn) are dealt in rounds of
-  // num_q, rotated by one block per round, so that each block meets every stream (with
-  // self_direct our own stream needs no wait: its chunks fill the waits for the others).
-  const int64_t items = pad_chunks + most_chunks * R;
-  for (int64_t round = 0; round * num_q < items; ++round) {
-    const int64_t g = round * num_q + (q + round) % num_q;
-    if (g >= items) continue;  // block-uniform
-    if (g < pad_chunks) {  // worst-token padding: nothing to wait for
+  // Two slots for the taken item: thread 0 writes the next one while slow warps may still read
+  // this one; the barrier of the next turn separates a slot's reuse from its last read.
+  for (int turn = 0; items > 0; ++turn) {
+    if (tid == 0) taken[turn & 1] = static_cast<int64_t>(atomicAdd(
+                      reinterpret_cast<unsigned long long*>(&mine->dispatch_recv_next), 1ull));
+    __syncthreads();
+    int64_t g = taken[turn & 1];
+    if (g >= items) break;  // block-uniform
+    if (g < work.pad_chunks) {  // worst-token padding: nothing to wait for
       const int64_t end = min(a.num_rows, num_valid + (g + 1) * C);
       for (int64_t n = num_valid + g * C + warp; n < end; n += kWarps) dispatch_recv_padding(a, n, lane);
       continue;
     }
-    const int64_t k = (g - pad_chunks) / R;
-    const int s = static_cast<int>((g - pad_chunks) % R);
+    g -= work.pad_chunks;
     int64_t base, rows;
-    stream_of(a, p, R, me, s, base, rows);
-    const int64_t lo = k * C, hi = min(rows, lo + C);
-    if (lo >= hi) continue;  // block-uniform
-    if (p.self_direct && s == me) {  // from the send inputs: nothing to wait for
+    if (g < work.own_chunks) {  // from the send inputs: nothing to wait for
+      stream_of(a, p, R, me, me, base, rows);
+      const int64_t lo = g * C, hi = min(rows, lo + C);
       for (int64_t n = base + lo + warp; n < base + hi && n < a.num_rows; n += kWarps) {
         dispatch_recv_row(a, n, TokenRow{in, a.own_tokens[n - base]}, first_expert, hist, lane);
       }
       continue;
     }
+    g -= work.own_chunks;
+    const int64_t k = g / work.buffered;
+    const int s = work.source(static_cast<int>(g % work.buffered), me, p.self_direct);
+    stream_of(a, p, R, me, s, base, rows);
+    const int64_t lo = k * C, hi = min(rows, lo + C);
+    if (lo >= hi) continue;  // block-uniform
     bool ok = true;
     if (tid == 0) {
       uint64_t* counter = &mine->dispatch_chunk_rows[s][k];
@@ -173,18 +211,23 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
   }
   __syncthreads();
   dispatch_flush_hist(a, hist);
-  if (a.post_freed) dispatch_recv_block_done(v, cur, tickets_for_block(q, num_q));
+  const uint64_t tickets = tickets_for_block(q, p.recv_blocks);
+  if (a.post_freed) dispatch_recv_block_done(v, cur, tickets);
+  if (tid == 0 && last_block_done(&mine->dispatch_recv_exits, tickets, kDispatchRecvBlocks)) {
+    mine->dispatch_recv_next = 0;  // every take of this launch is done: the next launch starts at 0
+  }
 }
 
 __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView v, DispatchSendArgs send,
                                                                         DispatchRecvArgs recv, ChunkPlan plan) {
   __shared__ int32_t hist[kMaxLocalExperts];
+  __shared__ int64_t taken[2];
   if (watchdog_tripped(v.watchdog)) return;  // notify gave up: the prefix matrix is not valid
   const int block = plan.first_block + static_cast<int>(blockIdx.x);
   if (block < plan.send_blocks) {
     send_role(v, send, plan, block);
   } else {
-    recv_role(v, recv, send, plan, hist, block - plan.send_blocks);
+    recv_role(v, recv, send, plan, hist, taken, block - plan.send_blocks);
   }
 }
 
@@ -199,7 +242,10 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView 
 // The one launch keeps 32 + 100 (with 64 + 68, cached dispatch took 242.0 / 242.4 against 231.8 /
 // 233.1 in the same call).
 // A receive part larger than the free SMs waits for the send's SMs: 64 + 100 took FP8 164.5,
-// 128 + 100 178.5. EP_OPS_NVL_SEND_BLOCKS, when set, sizes both.
+// 128 + 100 178.5 (session 12, with fixed shares of the chunks). EP_OPS_NVL_SEND_BLOCKS, when
+// set, sizes both. With blocks taking items (session 13), neither 64 more receive blocks joining
+// the split's receive part as the send part's SMs free up, nor the one launch's send blocks
+// receiving once done, was faster: the last wave's chunks are already taken by then.
 DispatchOverlapConfig dispatch_overlap_config() {
   static std::atomic<int> resident[64];
   const int blocks = resident_blocks(reinterpret_cast<const void*>(dispatch_overlap_kernel), kThreads, resident);

@@ -129,9 +129,10 @@ __device__ __forceinline__ void dispatch_recv_padding(const DispatchRecvArgs& a,
   if (lane == 0) a.recv_src[n] = -1;
 }
 
-// Payload loads in flight per lane when a received row is copied out (a BF16 row of hidden 7168
-// in 4 rounds of loads instead of 7).
-constexpr int kRecvUnroll = 7;
+// Payload loads in flight per lane when a received row is copied out: a BF16 row of hidden 7168
+// in 2 rounds of loads, an FP8 row in 1 (session 13: level with 7 within the runs' spread, and
+// the copy of the send's last wave is what an exact dispatch waits for at its end).
+constexpr int kRecvUnroll = 14;
 
 // A field of a buffer row: through L2 only when a peer may be writing nearby during the kernel.
 template <bool kConcurrent, typename T>
