@@ -16,8 +16,8 @@
 // Two shapes of send + recv, with the same outputs bit for bit (nvl_dispatch_rows.cuh has the
 // per-row code both use):
 //   overlapped (default; nvl_dispatch_overlap.cu): ONE kernel of S send blocks + Q receive
-//       blocks (32 + the rest of the device by default: 100 on 132 SMs; all resident at once;
-//       exact mode's split launches its send part alone with 64, then 68 receive blocks).
+//       blocks (64 + the rest of the device by default: 68 on 132 SMs; all resident at once;
+//       exact mode's split launches the send part alone, then the receive part).
 //       Senders post per-chunk progress (a release-add per row on the receiver's counter of its
 //       (source, chunk of C >= 16 rows)), and receive blocks copy each chunk out as soon as its
 //       counter is full, while the rest is still crossing NVLink. A rank's rows to itself skip
@@ -44,7 +44,7 @@
 // the receive blocks spin while they wait (local L2 polls).
 //
 // A/B: EP_OPS_NVL_OVERLAP=0 selects the separate kernels (read at every call; set it alike on
-// every rank). EP_OPS_NVL_SEND_BLOCKS (a divisor of 256, default 32, and 64 for the split) and
+// every rank). EP_OPS_NVL_SEND_BLOCKS (a divisor of 256, default 64) and
 // EP_OPS_NVL_RECV_BLOCKS (1..256, default: the rest of the blocks the device holds) size the
 // overlapped kernel for tuning; a pair the device cannot hold at once falls back to the separate
 // kernels. E.g.

@@ -48,8 +48,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kSendBlocks = 256;  // the separate send kernel's blocks (nvl_dispatch.cu)
-constexpr int kDefaultSendBlocks = 32;
-constexpr int kDefaultSplitSendBlocks = 64;  // exact mode's send part, launched alone
+constexpr int kDefaultSendBlocks = 64;
 
 struct ChunkPlan {
   int send_blocks;    // S: blocks [0, S) of the S + Q send
@@ -233,33 +232,30 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView 
 
 }  // namespace
 
-// The receive blocks default to every block the device holds beside the send blocks (100 on a
+// The receive blocks default to every block the device holds beside the send blocks (68 on a
 // 132-SM H100/H200): 2 x H200, session 11, 32 + 100 against 32 + 64 blocks in the same call:
 // dispatch BF16 244.5 / 244.5 us against 246.8 / 247.4, cached dispatch 228.8 / 228.2 against
 // 237.0 (BENCHMARKS.md). Fewer leave SMs to concurrent work: EP_OPS_NVL_RECV_BLOCKS.
-// The split's send part takes 64 blocks (64 + 68): 2 x H200, session 12, dispatch FP8 159.8 /
-// 160.1 us against 177.6 / 173.3 with 32 + 100, BF16 level (247.2 / 248.8 against 249.8 / 248.0).
-// The one launch keeps 32 + 100 (with 64 + 68, cached dispatch took 242.0 / 242.4 against 231.8 /
-// 233.1 in the same call).
+// Send blocks: 64, both shapes (64 + 68 on a 132-SM H200). 2 x H200, python3 -m ep_ops.bench:
+// session 12, exact mode's split with 64 + 68: dispatch FP8 159.8 / 160.1 us against 177.6 /
+// 173.3 with 32 + 100, BF16 level; session 13, once the receive took its chunks own rows first,
+// the one launch with 64 + 68: cached dispatch 219.3-221.1 us in four runs against 229.0-230.9
+// with 32 + 100 (session 12, before that change, 64 + 68 had been the slower: 242 against 232).
 // A receive part larger than the free SMs waits for the send's SMs: 64 + 100 took FP8 164.5,
-// 128 + 100 178.5 (session 12, with fixed shares of the chunks). EP_OPS_NVL_SEND_BLOCKS, when
-// set, sizes both. With blocks taking items (session 13), neither 64 more receive blocks joining
-// the split's receive part as the send part's SMs free up, nor the one launch's send blocks
-// receiving once done, was faster: the last wave's chunks are already taken by then.
+// 128 + 100 178.5 (session 12, with fixed shares of the chunks). With blocks taking items
+// (session 13), neither 64 more receive blocks joining the split's receive part as the send
+// part's SMs free up, nor the one launch's send blocks receiving once done, was faster: the last
+// wave's chunks are already taken by then.
 DispatchOverlapConfig dispatch_overlap_config() {
   static std::atomic<int> resident[64];
   const int blocks = resident_blocks(reinterpret_cast<const void*>(dispatch_overlap_kernel), kThreads, resident);
-  const auto sized = [&](int default_send) {
-    const int send = env_int("EP_OPS_NVL_SEND_BLOCKS", default_send);
-    TORCH_CHECK_VALUE(kSendBlocks % send == 0, "ep_ops: EP_OPS_NVL_SEND_BLOCKS must divide ", kSendBlocks,
-                      ", got ", send);
-    const int recv = env_int("EP_OPS_NVL_RECV_BLOCKS", std::clamp(blocks - send, 1, kDispatchRecvBlocks));
-    TORCH_CHECK_VALUE(recv <= kDispatchRecvBlocks, "ep_ops: EP_OPS_NVL_RECV_BLOCKS must be at most ",
-                      kDispatchRecvBlocks, ", got ", recv);
-    return OverlapBlocks{send, recv};
-  };
-  const OverlapBlocks all = sized(kDefaultSendBlocks), split = sized(kDefaultSplitSendBlocks);
-  return {overlap_wanted() && all.send + all.recv <= blocks, all, split};
+  const int send = env_int("EP_OPS_NVL_SEND_BLOCKS", kDefaultSendBlocks);
+  TORCH_CHECK_VALUE(kSendBlocks % send == 0, "ep_ops: EP_OPS_NVL_SEND_BLOCKS must divide ", kSendBlocks,
+                    ", got ", send);
+  const int recv = env_int("EP_OPS_NVL_RECV_BLOCKS", std::clamp(blocks - send, 1, kDispatchRecvBlocks));
+  TORCH_CHECK_VALUE(recv <= kDispatchRecvBlocks, "ep_ops: EP_OPS_NVL_RECV_BLOCKS must be at most ",
+                    kDispatchRecvBlocks, ", got ", recv);
+  return {overlap_wanted() && send + recv <= blocks, send, recv};
 }
 
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
@@ -267,8 +263,7 @@ void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView
                              int64_t capacity_rows, cudaStream_t stream, OverlapPart part,
                              const int32_t* totals) {
   const int64_t chunk = (capacity_rows + kMaxDispatchChunks - 1) / kMaxDispatchChunks;
-  const OverlapBlocks& b = part == OverlapPart::kAll ? config.all : config.split;
-  const int S = b.send, Q = b.recv;
+  const int S = config.send_blocks, Q = config.recv_blocks;
   const ChunkPlan plan{S, Q, part == OverlapPart::kReceive ? S : 0,
                        static_cast<int>(std::max<int64_t>(kWarps, chunk)), capacity_rows,
                        /*self_direct=*/recv.own_tokens != nullptr, part == OverlapPart::kSend ? totals : nullptr};

@@ -14,15 +14,11 @@ namespace ep_ops::cuda {
 // Which kernel shape this call uses, from the environment (read at every call, before notify so
 // a bad value fails before any kernel runs): `enabled` false when EP_OPS_NVL_OVERLAP=0 or when
 // the blocks could not all be resident at once (the caller then runs the separate send and
-// receive kernels). Every rank must see the same values.
-// Two block splits: `all` for the one launch of every block, `split` for exact mode's two
-// launches (OverlapPart below), whose send part starts alone on the device and takes more blocks.
-struct OverlapBlocks {
-  int send, recv;
-};
+// receive kernels). Every rank must see the same values. The one launch and exact mode's two
+// launches (OverlapPart below) split the blocks alike: send_blocks + recv_blocks.
 struct DispatchOverlapConfig {
   bool enabled;
-  OverlapBlocks all, split;
+  int send_blocks, recv_blocks;
 };
 DispatchOverlapConfig dispatch_overlap_config();
 
