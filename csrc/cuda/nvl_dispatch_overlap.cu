@@ -121,7 +121,8 @@ __device__ __forceinline__ void stream_of(const DispatchRecvArgs& a, const Chunk
 
 // The receive's work items in the order blocks take them (the top of this file).
 struct RecvItems {
-  int64_t pad_chunks;   // worst-token padding rows, C per item
+  int64_t num_valid;    // rows received; the outputs' rows past them are worst-token padding
+  int64_t pad_chunks;   // padding rows, C per item
   int64_t own_chunks;   // our own stream's chunks when they skip the buffer, else 0
   int64_t most_chunks;  // chunks of the longest stream through the buffer
   int buffered;         // streams through the buffer: R - 1 with self_direct, else R
@@ -135,7 +136,7 @@ struct RecvItems {
 __device__ __forceinline__ RecvItems recv_items(const DispatchRecvArgs& a, const ChunkPlan& p, int R, int me) {
   const int64_t C = p.chunk_rows;
   const int64_t num_valid = a.prefix[(R - 1) * R + me];
-  RecvItems w{(max(int64_t{0}, a.num_rows - num_valid) + C - 1) / C, 0, 0, p.self_direct ? R - 1 : R};
+  RecvItems w{num_valid, (max(int64_t{0}, a.num_rows - num_valid) + C - 1) / C, 0, 0, p.self_direct ? R - 1 : R};
   for (int s = 0; s < R; ++s) {
     int64_t base, rows;
     stream_of(a, p, R, me, s, base, rows);
@@ -161,7 +162,6 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
   __syncthreads();
 
   const int64_t C = p.chunk_rows;
-  const int64_t num_valid = a.prefix[(R - 1) * R + me];
   const RecvItems work = recv_items(a, p, R, me);
   const int64_t items = work.count();
   const int64_t first_expert = static_cast<int64_t>(me) * a.experts_per_rank;
@@ -176,8 +176,8 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
     int64_t g = taken[turn & 1];
     if (g >= items) break;  // block-uniform
     if (g < work.pad_chunks) {  // worst-token padding: nothing to wait for
-      const int64_t end = min(a.num_rows, num_valid + (g + 1) * C);
-      for (int64_t n = num_valid + g * C + warp; n < end; n += kWarps) dispatch_recv_padding(a, n, lane);
+      const int64_t end = min(a.num_rows, work.num_valid + (g + 1) * C);
+      for (int64_t n = work.num_valid + g * C + warp; n < end; n += kWarps) dispatch_recv_padding(a, n, lane);
       continue;
     }
     g -= work.pad_chunks;
