@@ -1,5 +1,6 @@
 """Where an exact-mode dispatch's time goes, timed the bench's way (barrier, event, call,
-event) on the reference workload: python3 scripts/timeline_dispatch.py [--fp8] [--iters N].
+event) on the reference workload: python3 scripts/timeline_dispatch.py [--fp8] [--buffer] [--iters N]
+(--buffer: through Buffer.dispatch, which also asks notify for the per-expert counts).
 For each rank, the median over N calls of each kernel's start and end (µs after the call began
 on the host, from the profiler's trace: the host and device clocks are the same there) and of
 the host's own steps, and the event-timed call as the bench reports it."""
@@ -13,22 +14,32 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-from profile_nvl import reference_workload  # scripts/ is on sys.path when run
+from profile_nvl import reference_inputs, reference_workload  # scripts/ is on sys.path when run
 
+from ep_ops import Buffer
 from ep_ops.launch import parallel_launch
 from ep_ops.reference import per_token_cast_to_fp8
 
 
-def worker(rank, world_size, group_name, fp8=False, iters=10, experts=256):
+def worker(rank, world_size, group_name, fp8=False, iters=10, through_buffer=False, experts=256):
     ops = torch.ops.ep_ops
-    buffer, x, topk_idx, weights = reference_workload(rank, world_size, experts=experts)
+    if through_buffer:  # its own NVLink buffer, of 1 GB (DeepEP's default)
+        buffer = Buffer(dist.group.WORLD, num_nvl_bytes=int(1e9))
+        x, topk_idx, weights = reference_inputs(rank, experts=experts)
+    else:
+        buffer, x, topk_idx, weights = reference_workload(rank, world_size, experts=experts)
     x_scales = None
     if fp8:
         x, x_scales = per_token_cast_to_fp8(x)
-    _, _, in_rank = ops.get_dispatch_layout(topk_idx, experts, world_size)
+    per_rank, per_expert, in_rank = ops.get_dispatch_layout(topk_idx, experts, world_size)
+    layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_expert=per_expert, is_token_in_rank=in_rank)
+    buffer_dispatch = buffer.dispatch if through_buffer else None
 
     def call():
         with torch.profiler.record_function("ep_ops_call"):
+            if through_buffer:
+                payload = (x, x_scales) if fp8 else x
+                return buffer_dispatch(payload, topk_idx=topk_idx, topk_weights=weights, **layout)
             return ops.dispatch(x, x_scales, topk_idx, weights, in_rank, experts, 1, 0, group_name)
 
     def timed():
@@ -73,7 +84,7 @@ def worker(rank, world_size, group_name, fp8=False, iters=10, experts=256):
             if t0 <= r["ts"] < t0 + c["dur"]:
                 spans[f"host {r['name']}"].append((r["ts"] - t0, r["ts"] + r["dur"] - t0))
     lines = [
-        f"rank {rank}: {'FP8' if fp8 else 'BF16'} event-timed call: median {statistics.median(event_us):.1f} us over {iters}"
+        f"rank {rank}: {'FP8' if fp8 else 'BF16'}{' via Buffer' if through_buffer else ''} event-timed call: median {statistics.median(event_us):.1f} us over {iters}"
     ]
     for name, s in sorted(spans.items(), key=lambda kv: statistics.median(a for a, _ in kv[1])):
         per_call = len(s) / len(calls)
@@ -81,6 +92,9 @@ def worker(rank, world_size, group_name, fp8=False, iters=10, experts=256):
             f"  {statistics.median(a for a, _ in s):8.1f} .. {statistics.median(b for _, b in s):8.1f}  "
             f"x{per_call:.0f}  {name}"
         )
+    if through_buffer:
+        dist.barrier()
+        buffer.destroy()
     del buffer
     return "\n".join(lines)
 
@@ -90,8 +104,9 @@ if __name__ == "__main__":
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--buffer", action="store_true", help="time Buffer.dispatch instead of the raw op")
     args = parser.parse_args()
     results = parallel_launch(
-        args.ranks, worker, args.fp8, args.iters, backend="nccl", device="cuda", timeout=300
+        args.ranks, worker, args.fp8, args.iters, args.buffer, backend="nccl", device="cuda", timeout=300
     )
     print("\n".join(results))

@@ -58,6 +58,10 @@ struct Control {
   // the launch's last block out resets it to 0), and the blocks out, cumulative.
   uint64_t dispatch_recv_next;
   uint64_t dispatch_recv_exits;
+  // Exact mode's split, local: the host's request number of the latest notify whose prefix
+  // matrix, totals and token positions are written; the send part, launched beside notify,
+  // waits for it (nvl_exact_totals.h).
+  uint64_t dispatch_prefix_ready;
 };
 static_assert(sizeof(Control) <= kControlBytes - kTrippedOffsetFromControlEnd);
 

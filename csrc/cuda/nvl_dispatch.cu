@@ -129,11 +129,15 @@ __device__ __forceinline__ void count_expert_tokens(const int64_t* topk, int num
 // still post its (zero) counts.
 // host (exact mode): the totals also go to the buffer's mapped host area, stamped with `request`
 // once they are all there (nvl_exact_totals.h).
+// release_prefix (exact mode's split): once the prefix matrix, the totals and the positions are
+// written, set Control::dispatch_prefix_ready to `request`: the send part, launched beside this
+// kernel, starts then, and what follows here (the inverse of our column, the sums of the
+// per-expert counts, the host's stamp) runs beside the send instead of before it.
 __global__ void __launch_bounds__(kScanThreads) notify_kernel(
     PeerView v, const bool* in_rank, int num_tokens, const int32_t* given_prefix,
     int32_t* prefix_out, int32_t* totals_out, int32_t* positions, int32_t* own_tokens,
     bool count_experts, const int64_t* topk, int num_topk, int experts_per_rank,
-    HostTotals* host, uint64_t request) {
+    HostTotals* host, uint64_t request, bool release_prefix) {
   __shared__ int32_t counts[kMaxNvlRanks];
   __shared__ int32_t expert_hist[kMaxNvlRanks * kMaxNotifyExperts];
   __shared__ uint64_t epoch;
@@ -149,12 +153,6 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
   const uint64_t cur = epoch;
   // Our tokens' slots per destination, and how many go to each (the counts we post).
   token_positions(in_rank, num_tokens, R, positions, counts);
-  if (own_tokens != nullptr) {  // the inverse of our column (the barrier above made it visible)
-    for (int t = tid; t < num_tokens; t += blockDim.x) {
-      const int64_t at = static_cast<int64_t>(t) * R + me;
-      if (in_rank[at]) own_tokens[positions[at]] = t;
-    }
-  }
 
   // Receivers must have consumed our rows of the previous dispatch before we overwrite them.
   bool ok = tid >= R || wait_at_least(v.watchdog, &mine->dispatch_freed[tid], cur - 1, me, tid,
@@ -186,19 +184,30 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
       }
       post_total(tid, running);
     }
-    // Only when every source counted this epoch (a rank whose caller did not ask posts none):
-    // else -1, and the host leaves no counts.
+  } else if (tid < R) {  // cached dispatch: the handle's prefix matrix has the counts
+    post_total(tid, given_prefix[(R - 1) * R + tid]);
+  }
+  __syncthreads();  // the prefix matrix and the totals are written (the positions since the scan)
+  if (release_prefix && tid == 0) store_release(&mine->dispatch_prefix_ready, request);
+
+  if (own_tokens != nullptr) {  // the inverse of our column: only the receive reads it
+    for (int t = tid; t < num_tokens; t += blockDim.x) {
+      const int64_t at = static_cast<int64_t>(t) * R + me;
+      if (in_rank[at]) own_tokens[positions[at]] = t;
+    }
+  }
+  // Only when every source counted this epoch (a rank whose caller did not ask posts none):
+  // else -1, and the host leaves no counts. The counts flags made the sources' counts visible.
+  if (given_prefix == nullptr && count_experts) {
     bool every_source_counted = true;
-    for (int s = 0; count_experts && s < R; ++s) {
+    for (int s = 0; s < R; ++s) {
       every_source_counted &= *reinterpret_cast<volatile uint64_t*>(&mine->expert_counts_epoch[s]) == cur;
     }
-    for (int e = tid; count_experts && e < experts_per_rank; e += blockDim.x) {
+    for (int e = tid; e < experts_per_rank; e += blockDim.x) {
       int32_t sum = 0;
       for (int s = 0; s < R; ++s) sum += *reinterpret_cast<volatile int32_t*>(&mine->expert_counts[s][e]);
       post_total(R + e, every_source_counted ? sum : -1);
     }
-  } else if (tid < R) {  // cached dispatch: the handle's prefix matrix has the counts
-    post_total(tid, given_prefix[(R - 1) * R + tid]);
   }
   __syncthreads();
   if (tid == 0) {
@@ -322,34 +331,38 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   // every row from the buffer.
   const bool self_direct = overlap.enabled && !routing_only;
   auto own_tokens = at::empty({self_direct ? num_tokens : 0}, int_options);
+  auto w = has_weights ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
+  auto s = x_scales.has_value() ? std::optional<at::Tensor>(x_scales->contiguous()) : std::nullopt;
   const TotalsRequest host_totals = exact ? next_totals_request(v) : TotalsRequest{nullptr, 0};
+  // Exact mode's split: the send part starts on the side stream beside notify and waits on the
+  // device for notify's prefix (release_prefix), while the host reads the totals
+  // (nvl_exact_totals.h); `join` puts the side stream back into ours on every exit.
+  const bool split = exact && overlap.enabled && self_direct && env_switch_on("EP_OPS_NVL_EXACT_SPLIT");
+  ExactSplitSync* sync = exact ? &exact_split_sync(x.get_device()) : nullptr;
+  if (split) {  // what the send reads was written on our stream before this point
+    C10_CUDA_CHECK(cudaEventRecord(sync->inputs, stream));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(sync->side, sync->inputs, 0));
+  }
   notify_kernel<<<1, kScanThreads, 0, stream>>>(
       v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
       given_prefix.has_value() ? prefix.data_ptr<int32_t>() : nullptr,
       given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(), totals.data_ptr<int32_t>(),
       positions.data_ptr<int32_t>(), self_direct ? own_tokens.data_ptr<int32_t>() : nullptr,
       notify_counts, notify_counts ? idx->data_ptr<int64_t>() : nullptr, num_topk, static_cast<int>(per_rank),
-      host_totals.device, host_totals.request);
+      host_totals.device, host_totals.request, /*release_prefix=*/split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  auto w = has_weights ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
-  auto s = x_scales.has_value() ? std::optional<at::Tensor>(x_scales->contiguous()) : std::nullopt;
   DispatchSendArgs send{static_cast<const uint8_t*>(x.data_ptr()), bytes_of(s), bytes_of(idx), bytes_of(w),
                 in_rank.data_ptr<bool>(), positions.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
                 static_cast<int>(num_tokens), row, 4LL * num_scales, 8LL * num_topk,
                 has_weights ? 4LL * num_topk : 0};
 
-  // Exact mode: the send part starts on the side stream when notify ends, while the host reads
-  // the totals (nvl_exact_totals.h); `join` puts the side stream back into ours on every exit.
-  const bool split = exact && overlap.enabled && self_direct && env_switch_on("EP_OPS_NVL_EXACT_SPLIT");
-  ExactSplitSync* sync = exact ? &exact_split_sync(x.get_device()) : nullptr;
   if (exact) C10_CUDA_CHECK(cudaEventRecord(sync->notified, stream));
   if (split) {
-    C10_CUDA_CHECK(cudaStreamWaitEvent(sync->side, sync->notified, 0));
     DispatchRecvArgs rows_to_self{};  // all the send part reads of the receive's arguments
     rows_to_self.own_tokens = own_tokens.data_ptr<int32_t>();
     launch_dispatch_overlap(overlap, v, send, rows_to_self, capacity_rows, sync->side, OverlapPart::kSend,
-                            totals.data_ptr<int32_t>());
+                            totals.data_ptr<int32_t>(), host_totals.request);
   }
   const SideStreamJoin join(split ? sync : nullptr, stream);
   // Sized without the totals: zeroed before the host's wait, off the path to the receive's launch.

@@ -29,7 +29,8 @@
 //
 // Co-residency: receive blocks spin on our own send blocks (the stream to ourselves), so every
 // block must be resident at once: S + Q must not exceed the blocks the device holds (checked
-// here, else the caller falls back). Send blocks have the lowest indices, and never wait.
+// here, else the caller falls back). Send blocks have the lowest indices and wait for nothing
+// but, in exact mode's split, our own notify, which runs beside them (nvl_exact_totals.h).
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
@@ -58,7 +59,23 @@ struct ChunkPlan {
   int64_t capacity_rows;
   bool self_direct;   // our rows to ourselves skip the buffer (recv.own_tokens is set)
   const int32_t* totals;  // OverlapPart::kSend: notify's per-rank totals (nvl_dispatch_overlap.h)
+  uint64_t prefix_request;  // OverlapPart::kSend: the dispatch_prefix_ready value to wait for
 };
+
+// Exact mode's split send part runs beside notify: it waits for notify's prefix matrix, totals and
+// positions (nvl_exact_totals.h). Twice the buffer's timeout, so that notify's waits on the peers
+// give up first and name the peer. False: give up (nothing was written).
+__device__ __forceinline__ bool wait_for_prefix(const PeerView& v, const ChunkPlan& p) {
+  if (p.prefix_request == 0) return true;
+  bool ok = true;
+  if (threadIdx.x == 0) {
+    Watchdog patient = v.watchdog;
+    patient.timeout_ns *= 2;
+    ok = wait_at_least(patient, &v.control(v.rank)->dispatch_prefix_ready, p.prefix_request, v.rank,
+                       v.rank, kWaitDispatchPrefix);
+  }
+  return block_waits_ok(ok);  // thread 0's acquire, then the barrier, before anyone's reads
+}
 
 // Whether a destination receives more rows than fit (a split send, which starts before the
 // host's check, then sends nothing).
@@ -86,6 +103,7 @@ __device__ __forceinline__ void flag_rows(const PeerView& v, const SendLane& s, 
 // in flight (the fence waits for the rows to land: ~1-2 us that the loads now share).
 __device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendArgs& a, const ChunkPlan& p,
                                           int block) {
+  if (!wait_for_prefix(v, p)) return;
   const int lane = threadIdx.x % 32, stride = p.send_blocks * kWarps;
   const int num_tokens = totals_overflow(p, v.num_ranks) ? 0 : a.num_tokens;
   const SendLane lane_dest = send_lane(v, a, lane);
@@ -261,12 +279,13 @@ DispatchOverlapConfig dispatch_overlap_config() {
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
                              const DispatchSendArgs& send, const DispatchRecvArgs& recv,
                              int64_t capacity_rows, cudaStream_t stream, OverlapPart part,
-                             const int32_t* totals) {
+                             const int32_t* totals, uint64_t prefix_request) {
   const int64_t chunk = (capacity_rows + kMaxDispatchChunks - 1) / kMaxDispatchChunks;
   const int S = config.send_blocks, Q = config.recv_blocks;
   const ChunkPlan plan{S, Q, part == OverlapPart::kReceive ? S : 0,
                        static_cast<int>(std::max<int64_t>(kWarps, chunk)), capacity_rows,
-                       /*self_direct=*/recv.own_tokens != nullptr, part == OverlapPart::kSend ? totals : nullptr};
+                       /*self_direct=*/recv.own_tokens != nullptr, part == OverlapPart::kSend ? totals : nullptr,
+                       part == OverlapPart::kSend ? prefix_request : 0};
   const int blocks = part == OverlapPart::kSend ? S : part == OverlapPart::kReceive ? Q : S + Q;
   dispatch_overlap_kernel<<<blocks, kThreads, 0, stream>>>(v, send, recv, plan);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -34,10 +34,13 @@ enum class OverlapPart { kAll, kSend, kReceive };
 // with part == kSend): every send block skips all its rows when a destination's total is past
 // capacity_rows (every rank sees the same totals), so the host can raise with no chunk counter
 // left half counted. The send part reads only recv.own_tokens (whether our rows to ourselves
-// skip the buffer), which must be the receive part's.
+// skip the buffer), which must be the receive part's. prefix_request (part == kSend): the send
+// blocks first wait until notify, running beside them, sets Control::dispatch_prefix_ready to it
+// (nvl_exact_totals.h); the totals, the prefix matrix and the positions are read after that.
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
                              const DispatchSendArgs& send, const DispatchRecvArgs& recv,
                              int64_t capacity_rows, cudaStream_t stream,
-                             OverlapPart part = OverlapPart::kAll, const int32_t* totals = nullptr);
+                             OverlapPart part = OverlapPart::kAll, const int32_t* totals = nullptr,
+                             uint64_t prefix_request = 0);
 
 }  // namespace ep_ops::cuda

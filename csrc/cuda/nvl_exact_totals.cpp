@@ -47,6 +47,7 @@ ExactSplitSync& exact_split_sync(int device) {
   TORCH_CHECK(device >= 0 && device < 64, "ep_ops.dispatch: device index ", device, " out of range");
   ExactSplitSync& sync = per_device[device];
   if (sync.side == nullptr) {  // the caller's device guard makes `device` current
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&sync.inputs, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&sync.notified, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&sync.sent, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaStreamCreateWithFlags(&sync.side, cudaStreamNonBlocking));

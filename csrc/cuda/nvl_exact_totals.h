@@ -7,11 +7,19 @@
 //   - Mapped totals: notify also writes the totals into the buffer's pinned host area
 //     (nvl_buffer.h, HostTotals) and then stamps it with a request number; the host spins on
 //     the stamp (wait_host_totals) instead of copying a device tensor.
-//   - Split launch: the send blocks of the overlapped kernel start on a side stream as soon as
-//     notify ends, without waiting for the host; the receive blocks follow on the caller's
-//     stream once the host has allocated the outputs, and the caller's stream then waits for
-//     the side stream (SideStreamJoin). The send needs nothing the host computes; it skips every
-//     row when a destination's total is past the buffer, so the host can still raise cleanly.
+//   - Split launch: the send blocks of the overlapped kernel start on a side stream beside
+//     notify, without waiting for the host; the receive blocks follow on the caller's stream
+//     once the host has allocated the outputs, and the caller's stream then waits for the side
+//     stream (SideStreamJoin). The send needs nothing the host computes; it skips every row when
+//     a destination's total is past the buffer, so the host can still raise cleanly.
+//     The send blocks wait on the device for notify's prefix matrix (Control::
+//     dispatch_prefix_ready, set to this call's request number), not for notify's end through an
+//     event: the stream hop and the launch after notify leave the send's path, and so does what
+//     notify does after the prefix (the inverse of our column, the sums of the per-expert
+//     counts, the host's stamp). 2 x H200, session 14, bench alternating with the event-ordered
+//     launch in a quiet call: dispatch BF16 226.9-230.0 us against 232.4-233.3, FP8 151.9-153.7
+//     against 155.1-157.2 (BENCHMARKS.md). Their wait's timeout is twice the buffer's, so that
+//     notify's own waits on the peers trip the watchdog first and name the peer.
 // EP_OPS_NVL_EXACT_SPLIT=0 (read at every call; set it alike on every rank) launches the whole
 // overlapped kernel after the host's read instead, for A/B.
 #pragma once
@@ -37,12 +45,13 @@ TotalsRequest next_totals_request(const PeerView& v);
 // error; a CUDA error on the stream is raised too. Returns or raises once notify has ended.
 const int32_t* wait_host_totals(const PeerView& v, uint64_t request, cudaEvent_t notified, const char* op);
 
-// The side stream and the two events of a split launch on `device` (the current device), made
-// once per host thread and device and never freed (destroying them at exit could outlive the
-// driver).
+// The side stream and the events of a split launch on `device` (the current device), made once
+// per host thread and device and never freed (destroying them at exit could outlive the driver):
+// `inputs` recorded on the caller's stream before notify (the side stream waits for it),
+// `notified` after notify (wait_host_totals), `sent` on the side stream after the send part.
 struct ExactSplitSync {
   cudaStream_t side;
-  cudaEvent_t notified, sent;
+  cudaEvent_t inputs, notified, sent;
 };
 ExactSplitSync& exact_split_sync(int device);
 

@@ -29,6 +29,7 @@ enum WaitPhase : int32_t {
   kWaitLowLatencyPartialsFreed,
   kWaitLowLatencyPartials,
   kWaitLowLatencyAllFreed,
+  kWaitDispatchPrefix,
 };
 
 __host__ __device__ inline const char* wait_phase_name(int32_t phase) {
@@ -45,6 +46,7 @@ __host__ __device__ inline const char* wait_phase_name(int32_t phase) {
     case kWaitLowLatencyPartialsFreed: return "low-latency combine: the peer reading our previous partial sums";
     case kWaitLowLatencyPartials: return "low-latency combine: the peer's partial sums";
     case kWaitLowLatencyAllFreed: return "low-latency: the peer reading everything we sent (sizes changed)";
+    case kWaitDispatchPrefix: return "dispatch: our own notify's prefix matrix (notify did not finish)";
     default: return "an unknown phase";
   }
 }
