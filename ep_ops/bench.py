@@ -5,7 +5,11 @@ with CUDA and a GPU per rank (at least two) it uses NCCL and the reference workl
 HARDWARE.md (DeepEP's own test config), on any number of ranks of one host (``--ranks 2``, 4,
 8). Every op is first run once and checked against ``ep_ops.reference`` on rank 0 (PASS/FAIL
 per op; dispatch outputs bitwise, combine outputs with a tolerance), then timed: median over
-``--iters`` calls, each after a barrier.
+``--iters`` calls, each after a barrier. On GPUs each timed call follows a 256 MB memset, as in
+DeepEP's own benchmark: it evicts the inputs from L2, and the host enqueues the call while the GPU
+is still busy, so the time is the GPU's and not the launch's (a model's host runs ahead of its GPU
+the same way). ``--idle-start`` leaves it out: each call then starts on an idle GPU and its time
+includes the host's launch (the method of the figures before 2026-11-22, session 15).
 
 Figures, as DeepEP reports them: "recv MB" counts the payload bytes (rows, plus FP8 scales) that
 rank 0 receives, its own rows included; "GB/s NVL" is that over the time per call, "GB/s
@@ -57,6 +61,7 @@ class Config:
     backend: str
     device: str
     seed: int
+    idle_start: bool = False
 
 
 @dataclasses.dataclass
@@ -321,12 +326,21 @@ def outputs_to_check(out: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+# What the GPU does before each timed sequence: zeroes this many bytes (DeepEP's bench flushes L2
+# with 256 MB). Its ~80 us also let the host enqueue the first call before the GPU reaches it.
+FLUSH_BYTES = 256 << 20
+
+
 class Timer:
     """Times a sequence of dependent calls after a barrier: CUDA events on GPU, perf_counter on
-    CPU. Each step takes the previous step's output (None for the first)."""
+    CPU. Each step takes the previous step's output (None for the first). On GPU, unless
+    ``idle_start``, the GPU first zeroes FLUSH_BYTES (module docstring: why)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, idle_start: bool = False):
         self.cuda = device.type == "cuda"
+        self.flush = None
+        if self.cuda and not idle_start:
+            self.flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
 
     def barrier(self):
         if self.cuda:
@@ -341,6 +355,8 @@ class Timer:
         state = None
         if self.cuda:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(steps) + 1)]
+            if self.flush is not None:
+                self.flush.zero_()
             events[0].record()
             for step, event in zip(steps, events[1:], strict=True):
                 state = step(state)
@@ -407,7 +423,7 @@ def time_all(rank: int, inp: dict, run: Ops, cfg: Config, device: torch.device, 
     """Times every op (whole ops, then send/recv pairs); bytes from this rank's outputs. With
     ``graphs`` (CUDA, low-latency ops on NVLink: capturable) also each low-latency op replayed
     from a CUDA graph, per call."""
-    timer = Timer(device)
+    timer = Timer(device, cfg.idle_start)
     sizes = volumes(rank, inp, run.out, cfg)
     rows = []
 
@@ -521,6 +537,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed calls per op first (CPU 3, GPU 10)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="include FP8 variants")
+    p.add_argument(
+        "--idle-start",
+        action="store_true",
+        help="GPU: start each timed call on an idle GPU (its time then includes the launch) instead of "
+        "after a 256 MB L2 flush",
+    )
     add_run_options(p)
     return p.parse_args(argv)
 
@@ -585,6 +607,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         backend=backend,
         device=device,
         seed=args.seed,
+        idle_start=args.idle_start,
     )
     if cfg.ranks < 1 or cfg.iters < 1 or cfg.warmup < 0:
         raise ValueError(f"--ranks and --iters must be >= 1 and --warmup >= 0, got {cfg}")
@@ -616,7 +639,8 @@ def main(argv=None) -> int:
     print(
         f"ep_ops.bench: {machine}; {cfg.tokens} tokens x {cfg.hidden} hidden, "
         f"top-{cfg.topk} of {cfg.experts} experts; low-latency {cfg.ll_tokens} tokens; "
-        f"median of {cfg.iters} calls after {cfg.warmup} warm-up",
+        f"median of {cfg.iters} calls after {cfg.warmup} warm-up"
+        + (", each on an idle GPU" if cfg.idle_start and cfg.device == "cuda" else ""),
         flush=True,
     )
     results = parallel_launch(

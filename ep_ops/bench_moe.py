@@ -235,7 +235,8 @@ def worker(rank: int, world_size: int, group_name: str, cfg: Config):
     """One rank: every step of ``cfg.steps``, eager and compiled. Rank 0 returns the results."""
     device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
     buffers = register_nvl_buffers(cfg, world_size)
-    timer = Timer(device)
+    # Idle start: host time is part of what compile saves, so each timed step starts on an idle GPU.
+    timer = Timer(device, idle_start=True)
     benches = {"train": bench_train, "decode": bench_decode}
     results = []
     for name in cfg.steps:
