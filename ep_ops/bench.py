@@ -226,7 +226,14 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape, dtype and bits."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return torch.equal(as_bytes(a), as_bytes(b))
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """t's bytes, flat. Copied into fresh strides: a tensor counted as contiguous may keep any
+    stride on a dimension of size 1 (a one-row slice of column-major scales), which
+    .view(torch.uint8) refuses."""
+    return torch.empty(t.numel(), dtype=t.dtype, device=t.device).copy_(t.reshape(-1)).view(torch.uint8)
 
 
 def tuples_equal(outs, refs) -> bool:
