@@ -1,9 +1,11 @@
 """What an op call costs beyond its kernels, on the reference workload (HARDWARE.md): each call
-timed on the GPU (CUDA events around the call after a barrier, as the bench times) and on the
-host (perf_counter until it returns), rank 0's median; the raw ops against Buffer's methods, and
-a trivial op (small.add_) as the floor of this way of timing.
+timed on the GPU (CUDA events around the call after a barrier) with the GPU idle at the start
+(the bench's --idle-start: the time includes the launch) and after the bench's 256 MB L2 flush
+(its default: the host enqueues the call while the GPU is busy), and on the host (perf_counter
+until it returns), rank 0's median; the raw ops against Buffer's methods, and a trivial op
+(small.add_) as the floor of this way of timing.
 
-python3 scripts/host_overhead.py [--ranks N]. Results: BENCHMARKS.md, session 7."""
+python3 scripts/host_overhead.py [--ranks N]. Results: BENCHMARKS.md, sessions 7 and 15."""
 
 import argparse
 import statistics
@@ -14,28 +16,33 @@ import torch.distributed as dist
 from profile_nvl import reference_inputs  # this folder is on sys.path when run as a script
 
 from ep_ops import Buffer
+from ep_ops.bench import FLUSH_BYTES
 from ep_ops.launch import parallel_launch
 
 
-def median_us(call, on_gpu, iters=30):
-    """Median time of ``call`` after a barrier with the GPU idle: CUDA events around it
-    (``on_gpu``, as the bench times) or perf_counter until it returns; 3 warm-up calls first."""
+def median_us(call, how, iters=30):
+    """Median time of ``call`` after a barrier, 3 warm-up calls first. ``how``: "idle" (CUDA
+    events around it, the GPU idle before), "flush" (the same after zeroing FLUSH_BYTES on the
+    GPU) or "host" (perf_counter until it returns)."""
+    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda") if how == "flush" else None
     times = []
     for _ in range(iters + 3):
         torch.cuda.synchronize()
         dist.barrier()
         torch.cuda.synchronize()
-        if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
+        if how == "host":
             start = time.perf_counter()
             call()
             times.append((time.perf_counter() - start) * 1e6)
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if flush is not None:
+            flush.zero_()
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
     return statistics.median(times[3:])
 
 
@@ -51,7 +58,8 @@ def worker(rank, world_size, group_name, experts=256):
     rows = []
 
     def row(name, call):
-        rows.append(f"| {name} | {median_us(call, True):.1f} | {median_us(call, False):.1f} |")
+        times = [median_us(call, how) for how in ("idle", "flush", "host")]
+        rows.append(f"| {name} | " + " | ".join(f"{us:.1f}" for us in times) + " |")
 
     row("small.add_(1)", lambda: small.add_(1))
     row(
@@ -75,7 +83,13 @@ def worker(rank, world_size, group_name, experts=256):
     row("Buffer.combine", lambda: buffer.combine(recv_x, handle, recv_w))
     dist.barrier()
     buffer.destroy()
-    return "\n".join(["| call | GPU us | host us |", "|---|---:|---:|", *rows]) if rank == 0 else None
+    return (
+        "\n".join(
+            ["| call | GPU us, idle start | GPU us, after flush | host us |", "|---|---:|---:|---:|", *rows]
+        )
+        if rank == 0
+        else None
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ Options:
         ``RACECHECK SUMMARY``) counts 0 and the workload succeeded. API errors are not reported
         because NCCL probes for kernel images while it sets up its communicators
         (``cudaErrorNoKernelImageForDevice``, expected, not ours); ep_ops checks its own launches.
-    --path {normal,ll,all}  normal: NVLink dispatch, cached dispatch and combine (exact and
-        worst-token); ll: ``Buffer.low_latency_dispatch`` / ``low_latency_combine`` (BF16, FP8,
+    --path {normal,ll,all}  normal: NVLink dispatch, cached dispatch and combine (exact, with
+        notify's per-expert counts as ``Buffer.dispatch`` asks, and worst-token); ll: ``Buffer.low_latency_dispatch`` / ``low_latency_combine`` (BF16, FP8,
         FP8 with UE8M0 scales, receive hooks, zero-copy, LogFMT, a combine receive left pending
         across the next dispatch); all (default): both.
     --ranks N  GPUs, one rank each (default 2).
@@ -63,7 +63,9 @@ SUMMARY = re.compile(r"\b([A-Z]+) SUMMARY: (\d+)")
 
 
 def normal_path(rank, world_size, group_name, device, tokens=64, hidden=256, topk=4, experts_per_rank=4):
-    """NVLink dispatch, cached dispatch and combine, exact and worst-token, against the reference."""
+    """NVLink dispatch (exact mode with notify's per-expert counts, as Buffer.dispatch asks), cached
+    dispatch and combine, exact and worst-token, against the reference."""
+    from ep_ops import _C
     from ep_ops.nvl import init_nvl_buffer, nvl_bytes_needed, release_nvl_buffer
     from ep_ops.reference import reference_combine, reference_dispatch, reference_layout
 
@@ -86,7 +88,12 @@ def normal_path(rank, world_size, group_name, device, tokens=64, hidden=256, top
         dist.barrier()  # ranks start each call together: the sanitizer slows them unevenly
         expected = reference_dispatch(xs, None, topks, weights, masks, experts, 1, worst)
         _, _, in_rank = ops.get_dispatch_layout(topk_idx, experts, world_size)
+        with_counts = nvl and worst == 0  # notify also counts per expert, as for Buffer.dispatch
+        if with_counts:
+            _C.request_dispatch_counts(group_name)
         out = ops.dispatch(x, None, topk_idx, topk_weights, in_rank, experts, 1, worst, group_name)
+        if with_counts and _C.take_dispatch_counts(group_name) != expected[rank][4].tolist():
+            raise AssertionError(f"rank {rank}: notify's per-expert counts differ from the reference")
         cached, _ = ops.cached_dispatch(x, None, in_rank, out[5], out[6], group_name)
         combined, combined_weights = ops.combine(
             out[0], out[3], None, None, in_rank, out[5], out[6], group_name
