@@ -16,33 +16,25 @@ import torch.distributed as dist
 from profile_nvl import reference_inputs  # this folder is on sys.path when run as a script
 
 from ep_ops import Buffer
-from ep_ops.bench import FLUSH_BYTES
+from ep_ops.bench import Timer
 from ep_ops.launch import parallel_launch
 
 
-def median_us(call, how, iters=30):
-    """Median time of ``call`` after a barrier, 3 warm-up calls first. ``how``: "idle" (CUDA
-    events around it, the GPU idle before), "flush" (the same after zeroing FLUSH_BYTES on the
-    GPU) or "host" (perf_counter until it returns)."""
-    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda") if how == "flush" else None
+def median_us(call, timer, iters=30):
+    """Median time of ``call`` after a barrier, 3 warm-up calls first: on the GPU by ``timer``
+    (the bench's Timer: idle start or after its L2 flush), or with ``timer`` None on the host
+    (perf_counter until it returns)."""
     times = []
     for _ in range(iters + 3):
+        if timer is not None:
+            times += timer([lambda _: call()])
+            continue
         torch.cuda.synchronize()
         dist.barrier()
         torch.cuda.synchronize()
-        if how == "host":
-            start = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - start) * 1e6)
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if flush is not None:
-            flush.zero_()
-        start.record()
+        start = time.perf_counter()
         call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append((time.perf_counter() - start) * 1e6)
     return statistics.median(times[3:])
 
 
@@ -56,9 +48,11 @@ def worker(rank, world_size, group_name, experts=256):
     recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, None, npr, None, in_rank, npe, topk_idx, weights)
     raw = ops.dispatch(x, None, topk_idx, weights, in_rank, experts, 1, 0, group_name)
     rows = []
+    device = torch.device("cuda", torch.cuda.current_device())
+    timers = (Timer(device, idle_start=True), Timer(device), None)  # idle start, flushed, host
 
     def row(name, call):
-        times = [median_us(call, how) for how in ("idle", "flush", "host")]
+        times = [median_us(call, timer) for timer in timers]
         rows.append(f"| {name} | " + " | ".join(f"{us:.1f}" for us in times) + " |")
 
     row("small.add_(1)", lambda: small.add_(1))

@@ -18,9 +18,10 @@ Options:
         because NCCL probes for kernel images while it sets up its communicators
         (``cudaErrorNoKernelImageForDevice``, expected, not ours); ep_ops checks its own launches.
     --path {normal,ll,all}  normal: NVLink dispatch, cached dispatch and combine (exact, with
-        notify's per-expert counts as ``Buffer.dispatch`` asks, and worst-token); ll: ``Buffer.low_latency_dispatch`` / ``low_latency_combine`` (BF16, FP8,
-        FP8 with UE8M0 scales, receive hooks, zero-copy, LogFMT, a combine receive left pending
-        across the next dispatch); all (default): both.
+        notify's per-expert counts as ``Buffer.dispatch`` asks, and worst-token); ll:
+        ``Buffer.low_latency_dispatch`` / ``low_latency_combine`` (BF16, FP8, FP8 with UE8M0
+        scales, receive hooks, zero-copy, LogFMT, a combine receive left pending across the next
+        dispatch); all (default): both.
     --ranks N  GPUs, one rank each (default 2).
     --plant-fault RANK  after the workload, rank RANK writes outside any allocation (a fill
         through a strided view 64 GiB past a tensor): a self-test showing that the sanitizer
