@@ -16,6 +16,8 @@ rank 0 receives, its own rows included; "GB/s NVL" is that over the time per cal
 remote" counts only rows from other ranks. Normal-mode rows are one per (token, destination
 rank); low-latency rows are one per (token, expert) selection, as in DeepEP's low-latency test.
 Send/recv halves are timed as a pair (send, then recv on its output) and reported by time only.
+DeepEP's intranode test times its dispatch, BF16 and FP8, with a handle from an earlier dispatch:
+the "cached dispatch" rows are that call, and ``--nvl-bytes 1e9`` gives the buffer its tests use.
 """
 
 import argparse
@@ -62,6 +64,7 @@ class Config:
     device: str
     seed: int
     idle_start: bool = False
+    nvl_bytes: int = 0  # the normal NVLink buffer's bytes; 0: sized to the workload
 
 
 @dataclasses.dataclass
@@ -157,6 +160,11 @@ def run_once(inp: dict, cfg: Config, group_name: str) -> Ops:
         )
     handle = (is_token_in_rank, prefix, src_idx)
     run.add("cached dispatch BF16", lambda: ops.cached_dispatch(x, None, *handle, group_name))
+    if cfg.fp8:  # DeepEP's bench times its FP8 dispatch this way too: with a handle
+        run.add(
+            "cached dispatch FP8",
+            lambda: ops.cached_dispatch(inp["x_fp8"], inp["x_scales"], *handle, group_name),
+        )
     run.add("combine BF16", lambda: ops.combine(recv_x, recv_topk_weights, None, None, *handle, group_name))
     run.add("all_to_all_single BF16", all_to_all_like_dispatch(is_token_in_rank, H))
 
@@ -292,6 +300,9 @@ def check_all(inp: list, out: list, cfg: Config) -> dict:
     handles = [(m, d[5], d[6]) for m, d in zip(in_rank, dispatched, strict=True)]
     ref = reference.reference_cached_dispatch(given("x"), None, handles)
     checks["cached dispatch BF16"] = all_pass(tuples_equal, got("cached dispatch BF16"), ref)
+    if cfg.fp8:
+        ref = reference.reference_cached_dispatch(given("x_fp8"), given("x_scales"), handles)
+        checks["cached dispatch FP8"] = all_pass(tuples_equal, got("cached dispatch FP8"), ref)
     ref = reference.reference_combine(
         [d[0] for d in dispatched], [d[3] for d in dispatched], None, None, handles
     )
@@ -398,6 +409,7 @@ def volumes(rank: int, inp: dict, out: dict, cfg: Config) -> dict:
         "dispatch BF16": (received, own, bf16_row),
         "dispatch FP8": (received, own, fp8_row),
         "cached dispatch BF16": (received, own, bf16_row),
+        "cached dispatch FP8": (received, own, fp8_row),
         "combine BF16": (returned, own, bf16_row),
         "all_to_all_single BF16": (received, own, bf16_row),
     }
@@ -466,11 +478,10 @@ def worker(rank: int, world_size: int, group_name: str, cfg: Config):
     nvl_buffers = ()  # kept alive for the whole run: the NVLink kernels use them
     if cfg.device == "cuda" and cfg.nvl and nvl_usable(dist.group.WORLD):
         # Normal mode: room for every token of every rank arriving here (the worst case of any
-        # routing). Low latency: cfg.ll_tokens token slots per source rank.
+        # routing), or --nvl-bytes. Low latency: cfg.ll_tokens token slots per source rank.
+        sized = nvl_bytes_needed(cfg.tokens * world_size, 2 * cfg.hidden, cfg.topk)
         nvl_buffers = (
-            init_nvl_buffer(
-                dist.group.WORLD, nvl_bytes_needed(cfg.tokens * world_size, 2 * cfg.hidden, cfg.topk)
-            ),
+            init_nvl_buffer(dist.group.WORLD, cfg.nvl_bytes or sized),
             init_nvl_buffer(
                 dist.group.WORLD,
                 ll_bytes_needed(cfg.ll_tokens, cfg.hidden, world_size, cfg.topk),
@@ -550,6 +561,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="GPU: start each timed call on an idle GPU (its time then includes the launch) instead of "
         "after a 256 MB L2 flush",
     )
+    p.add_argument(
+        "--nvl-bytes",
+        type=lambda text: int(float(text)),  # 1e9 as DeepEP's tests write it
+        default=0,
+        help="GPU: bytes of the normal-mode NVLink buffer (DeepEP's tests use 1e9); default: sized to "
+        "the workload",
+    )
     add_run_options(p)
     return p.parse_args(argv)
 
@@ -615,7 +633,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
         device=device,
         seed=args.seed,
         idle_start=args.idle_start,
+        nvl_bytes=args.nvl_bytes,
     )
+    if cfg.nvl_bytes < 0:
+        raise ValueError(f"--nvl-bytes must be >= 0, got {cfg.nvl_bytes}")
     if cfg.ranks < 1 or cfg.iters < 1 or cfg.warmup < 0:
         raise ValueError(f"--ranks and --iters must be >= 1 and --warmup >= 0, got {cfg}")
     if cfg.experts % cfg.ranks != 0:

@@ -62,7 +62,7 @@ struct Plan {
 };
 
 __device__ __forceinline__ int64_t chunk_rows(int64_t stream_rows) {
-  return max(int64_t{kWarps}, (stream_rows + kMaxCombineChunks - 1) / kMaxCombineChunks);
+  return stream_chunk_rows(stream_rows, kWarps, kMaxCombineChunks);
 }
 
 // The row a warp wrote and has not counted yet.

@@ -46,11 +46,6 @@ struct CombineRecvArgs {
   int64_t weight_bytes;
 };
 
-// Rows source `s` sent to rank `d` in the dispatch, from the prefix matrix.
-__host__ __device__ inline int32_t rows_sent(const int32_t* prefix, int R, int s, int d) {
-  return prefix[s * R + d] - rows_before(prefix, R, s, d);
-}
-
 // Where the rows rank d sends back start in source s's combine region: s's rows to lower ranks
 // come first.
 __device__ __forceinline__ int64_t combine_stream_start(const int32_t* prefix, int R, int s,

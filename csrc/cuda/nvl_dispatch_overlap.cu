@@ -4,8 +4,10 @@
 //
 // Chunks. The rows source s sends to rank d form one stream in d's region, rows
 // [prefix[s-1][d], prefix[s][d]); row j of the stream (the token's position among s's tokens for
-// d) is in chunk j / C, with C = max(kWarps, ceil(capacity_rows / kMaxDispatchChunks)) (the same
-// on every rank: it depends only on the call's row layout and the buffer size).
+// d) is in chunk j / C, with C = max(kWarps, ceil(rows / kMaxDispatchChunks)) for the stream's
+// `rows` (the prefix matrix gives its sender and its receiver the same number). C used to grow
+// with the buffer instead: with DeepEP's default 1 GB buffer a chunk spanned 68 BF16 rows (131
+// FP8), so the receive waited for rows of four or more send blocks, whose progress spreads.
 //   sender: a warp writes its token's rows, then per destination one release-add of 1 on
 //           Control::dispatch_chunk_rows[s][chunk] of the receiver (posted once the warp's loads
 //           of its next token are in flight). Warps take tokens in a grid stride, so each stream
@@ -55,7 +57,6 @@ struct ChunkPlan {
   int send_blocks;    // S: blocks [0, S) of the S + Q send
   int recv_blocks;    // Q: blocks [S, S + Q) receive
   int first_block;    // the launch's first block among the S + Q (S for OverlapPart::kReceive)
-  int chunk_rows;     // C
   int64_t capacity_rows;
   bool self_direct;   // our rows to ourselves skip the buffer (recv.own_tokens is set)
   const int32_t* totals;  // OverlapPart::kSend: notify's per-rank totals (nvl_dispatch_overlap.h)
@@ -85,16 +86,21 @@ __device__ __forceinline__ bool totals_overflow(const ChunkPlan& p, int R) {
   return overflow;
 }
 
+// Rows per chunk of the stream from source s to rank d (the top of this file).
+__device__ __forceinline__ int64_t dispatch_chunk_rows(const int32_t* prefix, int R, int s, int d) {
+  return stream_chunk_rows(rows_sent(prefix, R, s, d), kWarps, kMaxDispatchChunks);
+}
+
 // Lanes d < R whose bit is set in `rows` flag one row each on d's counter of its chunk (`pos`:
-// the row's index in our stream to d). The fence after the warp barrier orders every lane's row
-// writes before the flag.
+// the row's index in our stream to d, `chunk`: that stream's rows per chunk). The fence after
+// the warp barrier orders every lane's row writes before the flag.
 __device__ __forceinline__ void flag_rows(const PeerView& v, const SendLane& s, uint32_t rows, int32_t pos,
-                                          const ChunkPlan& p, int lane) {
+                                          int64_t chunk, int lane) {
   __syncwarp();
   if ((rows >> lane) & 1u) {
     Control* receiver = reinterpret_cast<Control*>(s.region - kControlBytes);
     fence_system();
-    add_release(&receiver->dispatch_chunk_rows[v.rank][pos / p.chunk_rows], 1);
+    add_release(&receiver->dispatch_chunk_rows[v.rank][pos / chunk], 1);
   }
 }
 
@@ -107,6 +113,7 @@ __device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendA
   const int lane = threadIdx.x % 32, stride = p.send_blocks * kWarps;
   const int num_tokens = totals_overflow(p, v.num_ranks) ? 0 : a.num_tokens;
   const SendLane lane_dest = send_lane(v, a, lane);
+  const int64_t chunk = lane < v.num_ranks ? dispatch_chunk_rows(a.prefix, v.num_ranks, v.rank, lane) : 1;
   int t = block * kWarps + threadIdx.x / 32;
   TokenDest next = token_dest(v, a, lane_dest, t, p.capacity_rows, p.self_direct, lane);
   uint32_t pending = 0;  // the previous token's rows, not flagged yet
@@ -117,12 +124,12 @@ __device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendA
     const uint32_t dests = __ballot_sync(0xffffffffu, cur.row != nullptr);
     if (dests == 0) continue;
     dispatch_send_token(a, t, dests, cur.row, lane, [&] {
-      flag_rows(v, lane_dest, pending, pending_pos, p, lane);
+      flag_rows(v, lane_dest, pending, pending_pos, chunk, lane);
     });
     pending = dests;
     pending_pos = cur.pos;
   }
-  flag_rows(v, lane_dest, pending, pending_pos, p, lane);
+  flag_rows(v, lane_dest, pending, pending_pos, chunk, lane);
   __syncthreads();
   if (threadIdx.x < v.num_ranks) {
     fence_system();
@@ -130,17 +137,20 @@ __device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendA
   }
 }
 
-// Rows of source s's stream in our region: where it starts and how many of its rows fit.
-__device__ __forceinline__ void stream_of(const DispatchRecvArgs& a, const ChunkPlan& p, int R,
-                                          int me, int s, int64_t& base, int64_t& rows) {
-  base = rows_before(a.prefix, R, s, me);
-  rows = rows_that_fit(base, a.prefix[s * R + me] - base, p.capacity_rows);
+// Source s's stream in our region: where it starts, how many of its rows fit, its rows per chunk.
+struct Stream {
+  int64_t base, rows, chunk;
+};
+__device__ __forceinline__ Stream stream_of(const DispatchRecvArgs& a, const ChunkPlan& p, int R, int me, int s) {
+  const int64_t base = rows_before(a.prefix, R, s, me);
+  return {base, rows_that_fit(base, rows_sent(a.prefix, R, s, me), p.capacity_rows),
+          dispatch_chunk_rows(a.prefix, R, s, me)};
 }
 
 // The receive's work items in the order blocks take them (the top of this file).
 struct RecvItems {
   int64_t num_valid;    // rows received; the outputs' rows past them are worst-token padding
-  int64_t pad_chunks;   // padding rows, C per item
+  int64_t pad_chunks;   // padding rows, kWarps per item
   int64_t own_chunks;   // our own stream's chunks when they skip the buffer, else 0
   int64_t most_chunks;  // chunks of the longest stream through the buffer
   int buffered;         // streams through the buffer: R - 1 with self_direct, else R
@@ -152,13 +162,12 @@ struct RecvItems {
 };
 
 __device__ __forceinline__ RecvItems recv_items(const DispatchRecvArgs& a, const ChunkPlan& p, int R, int me) {
-  const int64_t C = p.chunk_rows;
   const int64_t num_valid = a.prefix[(R - 1) * R + me];
-  RecvItems w{num_valid, (max(int64_t{0}, a.num_rows - num_valid) + C - 1) / C, 0, 0, p.self_direct ? R - 1 : R};
+  RecvItems w{num_valid, (max(int64_t{0}, a.num_rows - num_valid) + kWarps - 1) / kWarps, 0, 0,
+              p.self_direct ? R - 1 : R};
   for (int s = 0; s < R; ++s) {
-    int64_t base, rows;
-    stream_of(a, p, R, me, s, base, rows);
-    const int64_t chunks = (rows + C - 1) / C;
+    const Stream st = stream_of(a, p, R, me, s);
+    const int64_t chunks = (st.rows + st.chunk - 1) / st.chunk;
     if (p.self_direct && s == me) {
       w.own_chunks = chunks;
     } else {
@@ -179,7 +188,6 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
   for (int i = tid; i < a.experts_per_rank; i += blockDim.x) hist[i] = 0;
   __syncthreads();
 
-  const int64_t C = p.chunk_rows;
   const RecvItems work = recv_items(a, p, R, me);
   const int64_t items = work.count();
   const int64_t first_expert = static_cast<int64_t>(me) * a.experts_per_rank;
@@ -194,25 +202,24 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
     int64_t g = taken[turn & 1];
     if (g >= items) break;  // block-uniform
     if (g < work.pad_chunks) {  // worst-token padding: nothing to wait for
-      const int64_t end = min(a.num_rows, work.num_valid + (g + 1) * C);
-      for (int64_t n = work.num_valid + g * C + warp; n < end; n += kWarps) dispatch_recv_padding(a, n, lane);
+      const int64_t n = work.num_valid + g * kWarps + warp;
+      if (n < a.num_rows) dispatch_recv_padding(a, n, lane);
       continue;
     }
     g -= work.pad_chunks;
-    int64_t base, rows;
     if (g < work.own_chunks) {  // from the send inputs: nothing to wait for
-      stream_of(a, p, R, me, me, base, rows);
-      const int64_t lo = g * C, hi = min(rows, lo + C);
-      for (int64_t n = base + lo + warp; n < base + hi && n < a.num_rows; n += kWarps) {
-        dispatch_recv_row(a, n, TokenRow{in, a.own_tokens[n - base]}, first_expert, hist, lane);
+      const Stream own = stream_of(a, p, R, me, me);
+      const int64_t lo = g * own.chunk, hi = min(own.rows, lo + own.chunk);
+      for (int64_t n = own.base + lo + warp; n < own.base + hi && n < a.num_rows; n += kWarps) {
+        dispatch_recv_row(a, n, TokenRow{in, a.own_tokens[n - own.base]}, first_expert, hist, lane);
       }
       continue;
     }
     g -= work.own_chunks;
     const int64_t k = g / work.buffered;
     const int s = work.source(static_cast<int>(g % work.buffered), me, p.self_direct);
-    stream_of(a, p, R, me, s, base, rows);
-    const int64_t lo = k * C, hi = min(rows, lo + C);
+    const Stream st = stream_of(a, p, R, me, s);
+    const int64_t lo = k * st.chunk, hi = min(st.rows, lo + st.chunk);
     if (lo >= hi) continue;  // block-uniform
     bool ok = true;
     if (tid == 0) {
@@ -221,7 +228,7 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
       if (ok) *reinterpret_cast<volatile uint64_t*>(counter) = 0;  // complete: ready for the next epoch
     }
     if (!block_waits_ok(ok)) return;  // thread 0's acquire, then the barrier, before the reads
-    for (int64_t n = base + lo + warp; n < base + hi && n < a.num_rows; n += kWarps) {
+    for (int64_t n = st.base + lo + warp; n < st.base + hi && n < a.num_rows; n += kWarps) {
       const BufferRow</*kConcurrent=*/true> src{region + n * row_bytes, a.row};
       dispatch_recv_row(a, n, src, first_expert, hist, lane);
     }
@@ -280,10 +287,8 @@ void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView
                              const DispatchSendArgs& send, const DispatchRecvArgs& recv,
                              int64_t capacity_rows, cudaStream_t stream, OverlapPart part,
                              const int32_t* totals, uint64_t prefix_request) {
-  const int64_t chunk = (capacity_rows + kMaxDispatchChunks - 1) / kMaxDispatchChunks;
   const int S = config.send_blocks, Q = config.recv_blocks;
-  const ChunkPlan plan{S, Q, part == OverlapPart::kReceive ? S : 0,
-                       static_cast<int>(std::max<int64_t>(kWarps, chunk)), capacity_rows,
+  const ChunkPlan plan{S, Q, part == OverlapPart::kReceive ? S : 0, capacity_rows,
                        /*self_direct=*/recv.own_tokens != nullptr, part == OverlapPart::kSend ? totals : nullptr,
                        part == OverlapPart::kSend ? prefix_request : 0};
   const int blocks = part == OverlapPart::kSend ? S : part == OverlapPart::kReceive ? Q : S + Q;

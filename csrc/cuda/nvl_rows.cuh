@@ -33,6 +33,18 @@ __host__ __device__ inline int64_t rows_before(const int32_t* prefix, int R, int
   return s > 0 ? prefix[(s - 1) * R + d] : 0;
 }
 
+// Rows source `s` sent to rank `d` in the dispatch, from the prefix matrix.
+__host__ __device__ inline int32_t rows_sent(const int32_t* prefix, int R, int s, int d) {
+  return prefix[s * R + d] - rows_before(prefix, R, s, d);
+}
+
+// Rows per chunk of an overlapped kernel's stream of `stream_rows` rows (rows_sent: the same
+// number on its sender and its receiver, whatever the buffer's size): `min_rows` (a block's
+// warps, a row each), more only when the stream would need over `max_chunks` chunk counters.
+__device__ __forceinline__ int64_t stream_chunk_rows(int64_t stream_rows, int min_rows, int max_chunks) {
+  return max(int64_t{min_rows}, (stream_rows + max_chunks - 1) / max_chunks);
+}
+
 // The row dispatch sends: payload bytes, then num_scales float32, num_topk int64 ids and (with
 // weights) num_topk float32, each field rounded up to 16 bytes.
 __host__ __device__ inline RowLayout dispatch_row_layout(int64_t payload, int num_scales, int num_topk,

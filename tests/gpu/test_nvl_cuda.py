@@ -4,6 +4,7 @@ valid on GPU_RANKS ranks by ``for_world``, each run twice), and a captured CUDA 
 worst-token dispatch -> expert -> combine that replays correctly while the routing changes.
 Skipped without GPU_RANKS GPUs."""
 
+import dataclasses
 import functools
 import os
 
@@ -52,6 +53,22 @@ def kernel_shapes_worker(rank, world_size, group_name):
 
 def test_nvl_ops_match_reference_with_separate_kernels_then_overlapped():
     parallel_launch(GPU_RANKS, kernel_shapes_worker, backend="nccl", device="cuda", timeout=400)
+
+
+def long_streams_worker(rank, world_size, group_name):
+    """Streams of over 512 x 16 rows (kMaxDispatchChunks chunks of a block's 16 warps,
+    csrc/cuda/nvl_dispatch_overlap.cu) are cut into wider chunks, sized from the stream alone:
+    ~9,400 rows from each source on 2 ranks (top-2 of 8 experts, 12,000 tokens), exact BF16 and
+    worst-token FP8, match the reference."""
+    buffer = init_nvl_buffer(dist.group.WORLD, NVL_BYTES)
+    exact = for_world(Case(hidden=128, num_topk=2, num_experts=8, num_tokens=12000), world_size)
+    worst = dataclasses.replace(exact, fp8=True, num_worst_tokens=fit_worst_tokens(1024, exact, world_size))
+    normal_worker(rank, world_size, group_name, [exact, worst], "cuda")
+    del buffer
+
+
+def test_long_streams_take_wider_chunks():
+    parallel_launch(GPU_RANKS, long_streams_worker, backend="nccl", device="cuda", timeout=300)
 
 
 COMBINE_KNOBS = ("EP_OPS_NVL_COMBINE_SEND_BLOCKS", "EP_OPS_NVL_COMBINE_RECV_BLOCKS")
