@@ -85,10 +85,9 @@ __device__ __forceinline__ bool completes_unit(uint64_t ticket) {
 }
 
 // One thread per peer (threadIdx.x < num_ranks), after a block barrier: add the block's share to
-// that peer's counter (and to `also`, if given: one fence for both), ordered after everything the
-// block wrote or read there before.
+// that peer's counter (and to `also`, if given), ordered after everything the block wrote or read
+// there before.
 __device__ __forceinline__ void add_share_release(uint64_t* counter, uint64_t* also = nullptr) {
-  fence_system();
   add_release(counter, block_share());
   if (also != nullptr) add_release(also, block_share());
 }

@@ -78,8 +78,7 @@ __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, CombineSendA
   }
   __syncthreads();
   if (threadIdx.x < R) {
-    fence_system();  // the block's row writes (seen through the barrier) before the flag
-    add_release(&v.control(threadIdx.x)->combine_arrivals[me], 1);
+    add_release(&v.control(threadIdx.x)->combine_arrivals[me], 1);  // the block's rows first
   }
 }
 

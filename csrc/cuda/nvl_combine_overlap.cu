@@ -72,12 +72,11 @@ struct PendingRow {
 };
 
 // Counts the pending row on its source's chunk counter. Every lane calls it: the warp barrier
-// orders every lane's row writes before lane 0's fence and add.
+// orders every lane's row writes before lane 0's release add.
 __device__ __forceinline__ void count_row(const PeerView& v, const PendingRow& row, int lane) {
   __syncwarp();
   if (row.source >= 0 && lane == 0) {
     Control* source = reinterpret_cast<Control*>(peer_base(v, row.source));
-    fence_system();
     add_release(&source->combine_chunk_rows[v.rank][row.chunk], 1);
   }
 }
@@ -124,7 +123,6 @@ __device__ __forceinline__ bool send_role(const PeerView& v, const CombineSendAr
   count_row(v, pending, lane);
   __syncthreads();
   if (threadIdx.x < R) {
-    fence_system();
     // This block's share of kCombineSendBlocks (the separate send kernel's count of blocks).
     add_release(&v.control(threadIdx.x)->combine_arrivals[me],
                 tickets_for_block(blockIdx.x, p.send_blocks, kCombineSendBlocks));

@@ -165,13 +165,12 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
       for (int i = tid; i < R * experts_per_rank; i += blockDim.x) {
         v.control(i / experts_per_rank)->expert_counts[me][i % experts_per_rank] = expert_hist[i];
       }
-      __syncthreads();  // every thread's writes before the flags (the fence below is cumulative)
+      __syncthreads();  // every thread's writes before the flags (the release below is cumulative)
     }
     if (tid < R) {
       Control* peer = v.control(tid);
       for (int j = 0; j < R; ++j) peer->counts[me][j] = counts[j];
       if (count_experts) peer->expert_counts_epoch[me] = cur;
-      fence_system();
       store_release(&peer->counts_ready[me], cur);
       ok = wait_at_least(v.watchdog, &mine->counts_ready[tid], cur, me, tid, kWaitDispatchCounts);
     }
@@ -213,7 +212,7 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
   if (tid == 0) {
     mine->dispatch_epoch = cur;
     if (host != nullptr) {
-      fence_system();  // every thread's totals (seen through the barrier) before the stamp
+      // every thread's totals (seen through the barrier) before the stamp
       store_release(&host->sequence, request);
     }
   }
@@ -244,8 +243,7 @@ __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, DispatchSend
   }
   __syncthreads();
   if (threadIdx.x < v.num_ranks) {
-    fence_system();  // the block's row writes (seen through the barrier) before the flag
-    add_release(&v.control(threadIdx.x)->dispatch_arrivals[v.rank], 1);
+    add_release(&v.control(threadIdx.x)->dispatch_arrivals[v.rank], 1);  // the block's rows first
   }
 }
 

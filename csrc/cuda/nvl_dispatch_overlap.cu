@@ -92,14 +92,13 @@ __device__ __forceinline__ int64_t dispatch_chunk_rows(const int32_t* prefix, in
 }
 
 // Lanes d < R whose bit is set in `rows` flag one row each on d's counter of its chunk (`pos`:
-// the row's index in our stream to d, `chunk`: that stream's rows per chunk). The fence after
-// the warp barrier orders every lane's row writes before the flag.
+// the row's index in our stream to d, `chunk`: that stream's rows per chunk). The release, after
+// the warp barrier, orders every lane's row writes before the flag.
 __device__ __forceinline__ void flag_rows(const PeerView& v, const SendLane& s, uint32_t rows, int32_t pos,
                                           int64_t chunk, int lane) {
   __syncwarp();
   if ((rows >> lane) & 1u) {
     Control* receiver = reinterpret_cast<Control*>(s.region - kControlBytes);
-    fence_system();
     add_release(&receiver->dispatch_chunk_rows[v.rank][pos / chunk], 1);
   }
 }
@@ -132,7 +131,6 @@ __device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendA
   flag_rows(v, lane_dest, pending, pending_pos, chunk, lane);
   __syncthreads();
   if (threadIdx.x < v.num_ranks) {
-    fence_system();
     add_release(&v.control(threadIdx.x)->dispatch_arrivals[v.rank], kSendBlocks / p.send_blocks);
   }
 }

@@ -12,10 +12,8 @@
 namespace ep_ops::cuda {
 
 // Orders this thread's earlier memory operations (and, after a block barrier, those of the whole
-// block) before its later ones, at system or GPU scope. acq_rel rather than sequentially
-// consistent: __threadfence_system() / __threadfence() are fence.sc, which costs far more and which
-// release/acquire flags do not need.
-__device__ __forceinline__ void fence_system() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+// block) before its later ones at GPU scope. acq_rel rather than sequentially consistent:
+// __threadfence() is fence.sc, which costs far more and which release/acquire flags do not need.
 __device__ __forceinline__ void fence_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
 __device__ __forceinline__ uint64_t load_acquire(const uint64_t* flag) {
@@ -24,6 +22,11 @@ __device__ __forceinline__ uint64_t load_acquire(const uint64_t* flag) {
   return value;
 }
 
+// The release store and add below order this thread's earlier writes before the flag and, being
+// cumulative, every write it has seen through a block or warp barrier: a flag needs no fence of
+// its own before them. A fence.acq_rel.sys there (the code before session 16) cost a second
+// system-scope barrier per flag: 2 x H200, dispatch FP8 ~6 us and combine BF16 ~9-27 us more
+// (BENCHMARKS.md, session 16).
 __device__ __forceinline__ void store_release(uint64_t* flag, uint64_t value) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(flag), "l"(value) : "memory");
 }
