@@ -25,8 +25,8 @@ __device__ __forceinline__ uint64_t load_acquire(const uint64_t* flag) {
 // The release store and add below order this thread's earlier writes before the flag and, being
 // cumulative, every write it has seen through a block or warp barrier: a flag needs no fence of
 // its own before them. A fence.acq_rel.sys there (the code before session 16) cost a second
-// system-scope barrier per flag: 2 x H200, dispatch FP8 ~6 us and combine BF16 ~9-27 us more
-// (BENCHMARKS.md, session 16).
+// system-scope barrier per flag: 2 x H200, dispatch FP8 5-7 us, combine BF16 7-27 us, low-latency
+// dispatch and combine (graph) 2.6 and 4.1 us more (BENCHMARKS.md, session 16).
 __device__ __forceinline__ void store_release(uint64_t* flag, uint64_t value) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(flag), "l"(value) : "memory");
 }
