@@ -43,8 +43,10 @@
 // three launches, the send half in two), with no co-residency needed: the fallback, and the A/B
 // for the fusion. Every counter is per (phase, slab), so a rank may run either way.
 //
-// Not done: the partials phase does not start on a source as soon as that source's weights are
-// in, and it does not load the next row's expert slots before the weights wait.
+// The partials phase keeps a row's slots and weights one row ahead (the first row's slots load
+// before the weights wait), and a thread sums two vectors of a row at once (kRowVectors).
+// Not done: it does not start on a source as soon as that source's weights are in, and it does
+// not load the first row's expert outputs before the weights wait.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -110,7 +112,11 @@ __device__ __forceinline__ bool send_weights(const CombineArgs& a, uint64_t tick
 
 // Row j's weighted sum over our experts, into the source rank's partials slab, as BF16 or (kLogfmt)
 // as LogFMT-10 of the BF16-rounded sums (the collective backend's encode_partials). Shared: the
-// row's expert slots and weights (slot -1: not one of ours).
+// row's expert slots and weights (slot -1: not one of ours). A thread sums kRowVectors vectors
+// of the row at once (vector i and i + blockDim.x), so that the loads of both are in flight
+// together: hidden 7168 takes one round of loads instead of two.
+constexpr int kRowVectors = 2;
+
 template <bool kLogfmt>
 __device__ __forceinline__ void partial_row(const CombineArgs& a, int j, const int32_t* slot,
                                             const float* weight) {
@@ -119,45 +125,64 @@ __device__ __forceinline__ void partial_row(const CombineArgs& a, int j, const i
   const int vectors = a.hidden / 8;
   // LogFMT reduces each 128-channel group over 16 lanes: whole warps step through the row together.
   const int lane = threadIdx.x % 32;
-  for (int i0 = kLogfmt ? threadIdx.x - lane : threadIdx.x; i0 < vectors; i0 += blockDim.x) {
-    const int i = kLogfmt ? i0 + lane : i0;
-    const bool active = !kLogfmt || i < vectors;
-    float acc[8] = {};
-    for (int k0 = 0; k0 < K && active; k0 += kBatch) {  // kBatch loads in flight, then the sums in k order
-      int4 raw[kBatch];
+  const int step = kRowVectors * blockDim.x;
+  for (int i0 = kLogfmt ? threadIdx.x - lane : threadIdx.x; i0 < vectors; i0 += step) {
+    int at[kRowVectors];
+    bool active[kRowVectors];
+#pragma unroll
+    for (int r = 0; r < kRowVectors; ++r) {
+      at[r] = (kLogfmt ? i0 + lane : i0) + r * static_cast<int>(blockDim.x);
+      active[r] = at[r] < vectors;
+    }
+    float acc[kRowVectors][8] = {};
+    for (int k0 = 0; k0 < K; k0 += kBatch) {  // kBatch slots' loads in flight, then sums in k order
+      int4 raw[kRowVectors][kBatch];
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int k = k0 + u;
-        if (k < K && slot[k] >= 0) {
-          raw[u] = __ldg(reinterpret_cast<const int4*>(a.x + slot[k] * static_cast<int64_t>(a.hidden)) + i);
+        if (k >= K || slot[k] < 0) continue;
+        const auto* x =
+            reinterpret_cast<const int4*>(a.x + slot[k] * static_cast<int64_t>(a.hidden));
+#pragma unroll
+        for (int r = 0; r < kRowVectors; ++r) {
+          if (active[r]) raw[r][u] = __ldg(x + at[r]);
         }
       }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int k = k0 + u;
         if (k >= K || slot[k] < 0) continue;
-        const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          acc[2 * q] = __fadd_rn(acc[2 * q], __fmul_rn(weight[k], __low2float(pairs[q])));
-          acc[2 * q + 1] = __fadd_rn(acc[2 * q + 1], __fmul_rn(weight[k], __high2float(pairs[q])));
+        for (int r = 0; r < kRowVectors; ++r) {
+          const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw[r][u]);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            float* sum = &acc[r][2 * q];
+            sum[0] = __fadd_rn(sum[0], __fmul_rn(weight[k], __low2float(pairs[q])));
+            sum[1] = __fadd_rn(sum[1], __fmul_rn(weight[k], __high2float(pairs[q])));
+          }
         }
       }
     }
-    int4 out;
-    auto* out_pairs = reinterpret_cast<__nv_bfloat162*>(&out);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) out_pairs[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-    if constexpr (kLogfmt) {
-      float rounded[8];
+    for (int r = 0; r < kRowVectors; ++r) {
+      int4 out;
+      auto* out_pairs = reinterpret_cast<__nv_bfloat162*>(&out);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        rounded[2 * q] = __low2float(out_pairs[q]);
-        rounded[2 * q + 1] = __high2float(out_pairs[q]);
+        out_pairs[q] = __floats2bfloat162_rn(acc[r][2 * q], acc[r][2 * q + 1]);
       }
-      logfmt_encode_vector(rounded, row, a.hidden, i, active);
-    } else {
-      reinterpret_cast<int4*>(row)[i] = out;
+      if constexpr (kLogfmt) {
+        float rounded[8];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          rounded[2 * q] = __low2float(out_pairs[q]);
+          rounded[2 * q + 1] = __high2float(out_pairs[q]);
+        }
+        logfmt_encode_vector(rounded, row, a.hidden, at[r], active[r]);
+      } else if (active[r]) {
+        reinterpret_cast<int4*>(row)[at[r]] = out;
+      }
     }
   }
 }
@@ -170,7 +195,17 @@ __device__ __forceinline__ bool send_partials(const CombineArgs& a, uint64_t rea
   __shared__ int32_t slot[kMaxLLTopk];
   __shared__ float weight[kMaxLLTopk];
   __shared__ int any_local;
-  const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
+  const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk, rows = R * a.num_max;
+  // Thread k < K carries slot k and weight k of the block's next row, loaded a row ahead: the
+  // first row's slot (our own input) before the waits, its weight (in the slab) right after.
+  const auto slot_of = [&](int j) {
+    return a.token_slots[static_cast<int64_t>(j) * K + threadIdx.x];
+  };
+  const auto weight_of = [&](int j) {
+    return reinterpret_cast<const float*>(a.weights + j * a.weights_row)[threadIdx.x];
+  };
+  const bool carries = threadIdx.x < K;
+  int32_t next_slot = carries && static_cast<int>(blockIdx.x) < rows ? slot_of(blockIdx.x) : -1;
   // Every source's weights of this launch are in (warp 0), and every source has read our
   // previous partials in this slab (warp 1): both waits behind one barrier.
   bool ok = true;
@@ -182,19 +217,24 @@ __device__ __forceinline__ bool send_partials(const CombineArgs& a, uint64_t rea
                          kWaitLowLatencyPartialsFreed);
   }
   if (!block_waits_ok(ok)) return false;
+  float next_weight = carries && static_cast<int>(blockIdx.x) < rows ? weight_of(blockIdx.x) : 0.f;
 
-  for (int j = blockIdx.x; j < R * a.num_max; j += gridDim.x) {
+  for (int j = blockIdx.x; j < rows; j += gridDim.x) {
     if (threadIdx.x == 0) any_local = 0;
-    __syncthreads();
-    if (threadIdx.x < K) {
-      slot[threadIdx.x] = a.token_slots[static_cast<int64_t>(j) * K + threadIdx.x];
-      weight[threadIdx.x] = reinterpret_cast<const float*>(a.weights + j * a.weights_row)[threadIdx.x];
-      if (slot[threadIdx.x] >= 0) any_local = 1;
+    __syncthreads();  // the previous row's sums are done reading slot and weight
+    if (carries) {
+      slot[threadIdx.x] = next_slot;
+      weight[threadIdx.x] = next_weight;
+      if (next_slot >= 0) any_local = 1;
+      if (j + static_cast<int>(gridDim.x) < rows) {  // the next row's, in flight during this one
+        next_slot = slot_of(j + gridDim.x);
+        next_weight = weight_of(j + gridDim.x);
+      }
     }
     __syncthreads();
     if (any_local) partial_row<kLogfmt>(a, j, slot, weight);
-    __syncthreads();  // slot and weight are rewritten for the next row
   }
+  __syncthreads();  // every thread's partials are written before the shares below
   // Done reading the weights, our partials are out: both shares at every source, one fence.
   if (threadIdx.x < R) {
     LowLatencyControl* peer = ll_control(a.v.base[threadIdx.x]);

@@ -1,7 +1,8 @@
 """The low-latency NVLink kernels on GPU_RANKS GPUs of one host: bitwise equal to the CPU
 reference (rows past recv_count are unspecified on NVLink, so they are masked), whole ops and
-send/recv halves, two dispatches in flight, captured CUDA graphs that replay with changing
-routing (two graphs sharing the buffer, replayed interleaved), and opcheck on CUDA."""
+send/recv halves, two dispatches in flight, the FP8 cast's rounding edge cases, captured CUDA
+graphs that replay with changing routing (two graphs sharing the buffer, replayed interleaved),
+and opcheck on CUDA."""
 
 import os
 
@@ -121,6 +122,48 @@ def check_logfmt_combine(buffer, expert_out, topk, weights, num_max, E, cargs, r
 
 def test_ll_nvl_ops_match_reference():
     parallel_launch(GPU_RANKS, ll_worker, backend="nccl", device="cuda", timeout=300)
+
+
+def fp8_edge_rows(rank, num_tokens=6):
+    """[T, 512] bfloat16 rows whose FP8 cast meets every rounding case. Group 0 holds 448 * 2^-t,
+    so its scale is 2^-t and the other values cast as they are, times 2^t: ties between e4m3
+    neighbours, subnormals and their ties, the normal-subnormal boundary, values next to 448 and
+    -0. Group 1 is group 0 negated, group 2 stays below the amax floor (1e-4), group 3 is random."""
+    sub = 2.0**-9  # e4m3's smallest subnormal
+    edges = [1.0625, 1.1875, 1.3125, 2.125, 3.75, 416.0, 424.0, 432.0, 440.0, 444.0]
+    edges += (
+        [2.0**-6, 1.0625 * 2.0**-6]
+        + [k * sub for k in (0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 3.5, 6.5, 7.5)]
+        + [-0.0]
+    )
+    group = torch.tensor(([448.0] + edges * 12)[:128])
+    gen = torch.Generator().manual_seed(100 + rank)
+    rows = []
+    for t in range(num_tokens):
+        tiny = (torch.rand(128, generator=gen) - 0.5) * 1e-4
+        rows.append(torch.cat([group * 2.0**-t, -group * 2.0**-t, tiny, torch.randn(128, generator=gen)]))
+    return torch.stack(rows).to(torch.bfloat16)
+
+
+def fp8_edges_worker(rank, world_size, group_name):
+    ops = torch.ops.ep_ops
+    buffer = init_nvl_buffer(dist.group.WORLD, ll_bytes_needed(8, 512, world_size, 4), low_latency=True)
+    E, num_max = 4 * world_size, 8
+    xs = [fp8_edge_rows(r) for r in range(world_size)]
+    topk = [(torch.arange(6).unsqueeze(1) + torch.arange(4)) % E for _ in range(world_size)]
+    for round_scale in (False, True):
+        expected = reference_low_latency_dispatch(xs, topk, num_max, E, True, round_scale)[rank]
+        args = (xs[rank].cuda(), topk[rank].cuda(), num_max, E, True, round_scale, False, group_name)
+        what = f"rank {rank} round_scale={round_scale}"
+        assert_same(masked(ops.low_latency_dispatch(*args)), expected, what)
+    torch.cuda.synchronize()
+    release_nvl_buffer(group_name, low_latency=True)
+    del buffer
+
+
+def test_ll_fp8_cast_rounds_like_the_reference():
+    """The in-kernel cast (hardware cvt) against c10's conversion in the reference, bit for bit."""
+    parallel_launch(GPU_RANKS, fp8_edges_worker, backend="nccl", device="cuda", timeout=300)
 
 
 def split_kernels_worker(rank, world_size, group_name):
