@@ -11,7 +11,7 @@
 //             each (source rank, slot) row j = block, block + grid, ... sums w_k * x[slot_k] over
 //             its local k in float32, k ascending (__fmul_rn / __fadd_rn, no FMA), rounds to BF16
 //             once and writes the row into the source rank's partials slab. Then it adds its share
-//             to the source's weights-freed counter and to our partials arrivals there (one fence).
+//             to the source's weights-freed counter and to our partials arrivals there.
 //   recv:     each block takes tokens, waits until every rank's partials arrivals reach a whole
 //             unit, adds the token's partials in float32 in ascending rank order and rounds to
 //             BF16 once (the collective backend's exact order), then adds its share to every
@@ -204,8 +204,8 @@ __device__ __forceinline__ bool send_partials(const CombineArgs& a, uint64_t rea
   const auto weight_of = [&](int j) {
     return reinterpret_cast<const float*>(a.weights + j * a.weights_row)[threadIdx.x];
   };
-  const bool carries = threadIdx.x < K;
-  int32_t next_slot = carries && static_cast<int>(blockIdx.x) < rows ? slot_of(blockIdx.x) : -1;
+  const bool carries = threadIdx.x < K, has_rows = static_cast<int>(blockIdx.x) < rows;
+  int32_t next_slot = carries && has_rows ? slot_of(blockIdx.x) : -1;
   // Every source's weights of this launch are in (warp 0), and every source has read our
   // previous partials in this slab (warp 1): both waits behind one barrier.
   bool ok = true;
@@ -217,7 +217,7 @@ __device__ __forceinline__ bool send_partials(const CombineArgs& a, uint64_t rea
                          kWaitLowLatencyPartialsFreed);
   }
   if (!block_waits_ok(ok)) return false;
-  float next_weight = carries && static_cast<int>(blockIdx.x) < rows ? weight_of(blockIdx.x) : 0.f;
+  float next_weight = carries && has_rows ? weight_of(blockIdx.x) : 0.f;
 
   for (int j = blockIdx.x; j < rows; j += gridDim.x) {
     if (threadIdx.x == 0) any_local = 0;
@@ -226,16 +226,17 @@ __device__ __forceinline__ bool send_partials(const CombineArgs& a, uint64_t rea
       slot[threadIdx.x] = next_slot;
       weight[threadIdx.x] = next_weight;
       if (next_slot >= 0) any_local = 1;
-      if (j + static_cast<int>(gridDim.x) < rows) {  // the next row's, in flight during this one
-        next_slot = slot_of(j + gridDim.x);
-        next_weight = weight_of(j + gridDim.x);
+      const int next = j + static_cast<int>(gridDim.x);
+      if (next < rows) {  // the next row's, in flight during this one
+        next_slot = slot_of(next);
+        next_weight = weight_of(next);
       }
     }
     __syncthreads();
     if (any_local) partial_row<kLogfmt>(a, j, slot, weight);
   }
   __syncthreads();  // every thread's partials are written before the shares below
-  // Done reading the weights, our partials are out: both shares at every source, one fence.
+  // Done reading the weights, our partials are out: both shares at every source.
   if (threadIdx.x < R) {
     LowLatencyControl* peer = ll_control(a.v.base[threadIdx.x]);
     add_share_release(&peer->freed[kLLWeights][a.weights_slab][me],

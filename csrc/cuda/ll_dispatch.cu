@@ -8,7 +8,7 @@
 //         The slot is the token's own index, so no block scans the tokens before its own (a
 //         dependent load and two barriers: ~2.5 us of the probe's 6.8 us send, session 10).
 //         Then the block alone adds its share to our arrival counter at every destination
-//         (fence + red.release.sys); block 0 also posts, before its add, our token count
+//         (red.release.sys); block 0 also posts, before its add, our token count
 //         (dispatch_rows). It never waits for data, only (rarely) for a receiver to have read the
 //         slab's previous contents.
 //   recv: each block waits until every source's arrivals reach a whole unit (all its send blocks
@@ -29,7 +29,7 @@
 //   - No separate "-1" marking pass: the last send block used to re-scan every token's ids and
 //     write a -1 source into every unused slab slot (remote stores, then a second system fence:
 //     one more NVLink round trip, ~1-2 us). Now each token's block writes its own -1 sources
-//     before its one fence, and the posted count bounds the rows the receiver reads.
+//     before its one release, and the posted count bounds the rows the receiver reads.
 //   - One launch instead of two for the op (~1-3 us of launch and drain under graphs), and each
 //     block's receive wait starts while the flags are in flight instead of after a kernel
 //     boundary.

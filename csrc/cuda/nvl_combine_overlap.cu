@@ -14,7 +14,7 @@
 // computed from the stream's length, which both ends read from the prefix matrix.
 //   sender: warps take (row j, stream) pairs j-major, so that every stream fills front to back at
 //           the same time; a warp writes its row, then (once its next row's loads are in flight,
-//           so that the fence's wait overlaps them) lane 0 release-adds 1 to the source's
+//           so that the release's wait overlaps them) lane 0 release-adds 1 to the source's
 //           Control::combine_chunk_rows[us][j / C].
 //   receiver: warps take our tokens in a grid stride (ascending, as the streams fill). Lane d
 //           waits until the chunk holding the token's row from rank d is complete (rows of our

@@ -36,7 +36,7 @@
 // than the ~150 us the link needs); what stays exposed is the copy of the last chunk of each
 // stream (C rows over 16 warps: ~1-3 us) and one launch less: ~25 + ~160-190 = ~185-215 us for
 // BF16 (target <= 200), ~25 + ~85-100 = ~110-125 us for FP8 (target <= 120).
-// What it costs: one fence + release-add over NVLink per (token, destination) row, by one lane of
+// What it costs: one release-add over NVLink per (token, destination) row, by one lane of
 // the sending warp (the warp waits for its writes to land: ~1-2 us, spent while its next token's
 // loads are in flight, and hidden by the other warps);
 // per chunk a spin by one thread and a block barrier on the receiver; 32 KB of chunk counters in

@@ -105,7 +105,7 @@ __device__ __forceinline__ void flag_rows(const PeerView& v, const SendLane& s, 
 
 // A warp takes tokens t = warp, warp + S * kWarps, ...; the next token's destinations are loaded
 // while this one is sent, and a token's rows are flagged once the next token's first loads are
-// in flight (the fence waits for the rows to land: ~1-2 us that the loads now share).
+// in flight (the release waits for the rows to land: ~1-2 us that the loads now share).
 __device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendArgs& a, const ChunkPlan& p,
                                           int block) {
   if (!wait_for_prefix(v, p)) return;

@@ -84,7 +84,7 @@ __device__ __forceinline__ TokenDest token_dest(const PeerView& v, const Dispatc
 
 // The warp writes token t's row to every destination whose bit is set in `dests` (lane d's
 // `row`: its address there). `after_first_loads()` runs once the first stage's loads are issued
-// (the overlapped sender flags its previous token's rows there, so that the fence's wait and
+// (the overlapped sender flags its previous token's rows there, so that the release's wait and
 // these loads overlap).
 template <typename AfterFirstLoads>
 __device__ __forceinline__ void dispatch_send_token(const DispatchSendArgs& a, int t, uint32_t dests,
