@@ -315,6 +315,15 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
               "ep_ops.dispatch: exact mode (num_worst_tokens=0) reads its row count on the host, "
               "which a CUDA graph capture cannot do; capture with num_worst_tokens > 0");
 
+  // Output rows: exact mode reads them from notify's totals below (at most capacity_rows, or it
+  // raises after closing its epoch); worst-token mode and cached dispatch know them now and check
+  // them before any kernel, so a call that does not fit leaves the buffer in step (it used to
+  // raise after notify, whose epoch no receive then closed: the next dispatch timed out).
+  int64_t num_rows = given_rows >= 0 ? given_rows : num_worst_tokens;
+  TORCH_CHECK_VALUE(exact || num_rows <= capacity_rows, "ep_ops.dispatch: the NVLink buffer holds ",
+                    capacity_rows, " rows of ", row.bytes(), " bytes, this call may need ", num_rows,
+                    "; num_nvl_bytes must be at least ", kControlBytes + 2 * num_rows * row.bytes());
+
   // notify
   auto prefix = given_prefix.has_value() ? given_prefix->contiguous()
                                          : at::empty({R, R}, int_options);
@@ -366,10 +375,9 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   // Sized without the totals: zeroed before the host's wait, off the path to the receive's launch.
   auto expert_counts = at::zeros({idx.has_value() ? per_rank : 0}, int_options);
 
-  // Output rows: exact mode reads the totals (its host wait); worst-token mode and cached
-  // dispatch know them already. Every rank sees every total, so all fail alike.
+  // Exact mode's output rows: the totals (its host wait). Every rank sees every total, so all
+  // fail alike.
   NvlDispatchResult out;
-  int64_t num_rows = given_rows >= 0 ? given_rows : num_worst_tokens;
   if (exact) {
     const int32_t* t = wait_host_totals(v, host_totals.request, sync->notified, "dispatch");
     int64_t most = 0;
@@ -387,10 +395,6 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
       for (auto& c : out.host_expert_counts) c = (c + expert_alignment - 1) / expert_alignment * expert_alignment;
     }
   }
-  TORCH_CHECK_VALUE(num_rows <= capacity_rows, "ep_ops.dispatch: the NVLink buffer holds ",
-                    capacity_rows, " rows of ", row.bytes(), " bytes, this call may need ",
-                    num_rows, "; num_nvl_bytes must be at least ",
-                    kControlBytes + 2 * num_rows * row.bytes());
 
   // recv
   const bool copy_rows = !routing_only;

@@ -174,7 +174,8 @@ def exact_mode_limits_worker(rank, world_size, group_name):
     """Exact mode on a buffer too small for the rows: every rank raises the error naming the size
     needed, and the failed call closes its epoch (abort_kernel): a dispatch that fits then matches
     the reference. Both with the send split from the receive (the default: its send blocks, which
-    start before the host's check, send nothing) and without (EP_OPS_NVL_EXACT_SPLIT=0). Under CUDA
+    start before the host's check, send nothing) and without (EP_OPS_NVL_EXACT_SPLIT=0). Worst-token
+    mode past the buffer raises before any kernel, the buffer in step after it too. Under CUDA
     graph capture, exact mode is refused before any kernel is captured."""
     ops = torch.ops.ep_ops
     small = for_world(Case(hidden=256, num_topk=2, num_experts=8, num_tokens=4), world_size)
@@ -205,6 +206,15 @@ def exact_mode_limits_worker(rank, world_size, group_name):
         )
     del os.environ["EP_OPS_NVL_EXACT_SPLIT"]
 
+    # Worst-token mode knows its rows on the host: past the buffer it raises before any kernel
+    # (it used to raise after notify, and the next dispatch then timed out waiting for the
+    # receive that would have closed notify's epoch).
+    me = mine_on_gpu(inputs)
+    expect_error(ValueError, ["NVLink buffer holds", "num_nvl_bytes must be at least"],
+                 lambda: ops.dispatch(me["x"], None, me["topk_idx"], me["topk_weights"], me["is_token_in_rank"],
+                                      small.num_experts, 1, big.num_tokens * world_size, group_name))  # fmt: skip
+    assert_same(dispatch(small, me), expected[rank], f"rank {rank}: dispatch after the worst-token error")
+
     me = mine_on_gpu(all_inputs(small, world_size))  # copies from the host cannot be captured
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -219,7 +229,7 @@ def exact_mode_limits_worker(rank, world_size, group_name):
     del buffer
 
 
-def test_exact_mode_capacity_error_and_capture_refusal():
+def test_capacity_errors_and_capture_refusal():
     parallel_launch(GPU_RANKS, exact_mode_limits_worker, backend="nccl", device="cuda", timeout=300)
 
 
