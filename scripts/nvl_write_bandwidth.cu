@@ -6,13 +6,16 @@
 //   tma  : lane 0 of each warp: bulk load of a row chunk -> smem, bulk store smem -> peer
 //   pull : a warp per row, 16-B loads from the peer, stores local
 //   ce   : cudaMemcpyPeerAsync of all bytes
-// Not part of the build: nvcc -O3 -gencode=arch=compute_90,code=sm_90 -o /tmp/nvl_bw
-// scripts/nvl_write_bandwidth.cu && /tmp/nvl_bw (needs 2 GPUs with peer access; results in
-// BENCHMARKS.md, session 7).
+//   flags: (`/tmp/nvl_bw flags`, alone) who releases a progress flag and how often, for BF16 and
+//          FP8 row sizes (flag_kernel below)
+// Not part of the build: nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -o /tmp/nvl_bw
+// scripts/nvl_write_bandwidth.cu && /tmp/nvl_bw [flags] (needs 2 GPUs with peer access; results
+// in BENCHMARKS.md, sessions 7 and 18).
 #include <cstdio>
 #include <cstdint>
 #include <vector>
 #include <algorithm>
+#include <string>
 #include <cuda_runtime.h>
 
 #include "../csrc/cuda/nvl_rows.cuh"
@@ -37,6 +40,40 @@ __global__ void __launch_bounds__(512) st_kernel(const uint8_t* src, uint8_t* ds
   for (int r = blockIdx.x * wpb + threadIdx.x / 32; r < kRows; r += gridDim.x * wpb) {
     ep_ops::cuda::warp_copy(dst + r * kRowBytes, src + r * kRowBytes, kRowBytes, lane);
     signal(flags + r, fence, lane);
+  }
+}
+
+// How often a send releases a progress flag, and who issues the release (`nvl_bw flags`): rows of
+// `row_bytes` (14336 BF16, 7392 FP8), a warp per row, 14 int4 loads per lane in flight (the
+// dispatch's stage). Modes: 0 no flag; 1 each warp releases a flag after each row (what the
+// overlapped dispatch does: red.release.sys, no fence); 2 each warp releases once per two rows;
+// 3 per wave of the block's rows: a block barrier, then warp 0 releases the wave's flags in one
+// instruction (a lane per row) while the other warps go on.
+template <int kMode>
+__global__ void __launch_bounds__(512) flag_kernel(const uint8_t* src, uint8_t* dst, uint64_t* flags,
+                                                   int64_t row_bytes) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wpb = blockDim.x / 32;
+  const int stride = gridDim.x * wpb, waves = (kRows + stride - 1) / stride;
+  for (int k = 0; k < waves; ++k) {
+    const int r = k * stride + blockIdx.x * wpb + warp;
+    if (r < kRows) {
+      ep_ops::cuda::warp_copy<true, false, 14>(dst + r * row_bytes, src + r * row_bytes, row_bytes, lane);
+    }
+    if (kMode == 1 || (kMode == 2 && (k % 2 == 1 || k == waves - 1))) {
+      __syncwarp();
+      const int first = kMode == 1 ? r : r - (k % 2) * stride;
+      const int row = first + lane * stride;
+      if (lane <= (kMode == 1 ? 0 : k % 2) && row < kRows) {
+        asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(flags + row), "l"(1ull) : "memory");
+      }
+    }
+    if (kMode == 3) {
+      __syncthreads();
+      const int row = k * stride + blockIdx.x * wpb + lane;
+      if (warp == 0 && lane < wpb && row < kRows) {
+        asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(flags + row), "l"(1ull) : "memory");
+      }
+    }
   }
 }
 
@@ -136,7 +173,8 @@ float run_both(Side* sides, Launch launch, int reps = 10) {
   return times[times.size() / 2];
 }
 
-int main() {
+int main(int argc, char** argv) {
+  const bool flags_only = argc > 1 && std::string(argv[1]) == "flags";
   Side sides[2];
   const size_t bytes = kRows * kRowBytes;
   for (int i = 0; i < 2; ++i) {
@@ -157,6 +195,27 @@ int main() {
     printf("%-28s blocks %4d  %8.1f us  %6.1f GB/s each way\n", name, blocks, us, mb / us * 1e3);
     fflush(stdout);
   };
+  if (flags_only) {
+    const char* names[] = {"no flag", "release per row (warp)", "release per 2 rows (warp)",
+                           "release per wave (block)"};
+    for (int64_t row_bytes : {int64_t{14336}, int64_t{7392}}) {
+      const double row_mb = kRows * row_bytes / 1e6;
+      for (int b : {32, 64, 132}) {
+        for (int mode = 0; mode < 4; ++mode) {
+          const auto kernel = mode == 0 ? flag_kernel<0> : mode == 1 ? flag_kernel<1> : mode == 2 ? flag_kernel<2>
+                                                                                                  : flag_kernel<3>;
+          const float us = run_both(sides, [&](Side& me, Side& peer) {
+            kernel<<<b, 512, 0, me.stream>>>(me.src, peer.dst, reinterpret_cast<uint64_t*>(peer.flags_mem),
+                                             row_bytes);
+          });
+          printf("row %5lld B  blocks %4d  %-28s %8.1f us  %6.1f GB/s each way\n",
+                 static_cast<long long>(row_bytes), b, names[mode], us, row_mb / us * 1e3);
+          fflush(stdout);
+        }
+      }
+    }
+    return 0;
+  }
   report("ce memcpy peer", 0, run_both(sides, [&](Side& me, Side& peer) {
     CK(cudaMemcpyPeerAsync(peer.dst, peer.dev, me.src, me.dev, bytes, me.stream));
   }));
