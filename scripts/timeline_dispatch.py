@@ -30,9 +30,9 @@ def worker(
     fp8=False,
     iters=10,
     through_buffer=False,
-    experts=256,
     cached=False,
     flush=False,
+    experts=256,
 ):
     ops = torch.ops.ep_ops
     if through_buffer:  # its own NVLink buffer, of 1 GB (DeepEP's default)
@@ -136,7 +136,6 @@ if __name__ == "__main__":
         args.fp8,
         args.iters,
         args.buffer,
-        256,
         args.cached,
         args.flush,
         backend="nccl",

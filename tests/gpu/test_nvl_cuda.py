@@ -170,7 +170,7 @@ def test_worst_token_graph_replays_with_changing_routing():
     parallel_launch(GPU_RANKS, graph_worker, backend="nccl", device="cuda", timeout=300)
 
 
-def exact_mode_limits_worker(rank, world_size, group_name):
+def capacity_limits_worker(rank, world_size, group_name):
     """Exact mode on a buffer too small for the rows: every rank raises the error naming the size
     needed, and the failed call closes its epoch (abort_kernel): a dispatch that fits then matches
     the reference. Both with the send split from the receive (the default: its send blocks, which
@@ -209,13 +209,12 @@ def exact_mode_limits_worker(rank, world_size, group_name):
     # Worst-token mode knows its rows on the host: past the buffer it raises before any kernel
     # (it used to raise after notify, and the next dispatch then timed out waiting for the
     # receive that would have closed notify's epoch).
-    me = mine_on_gpu(inputs)
+    me = mine_on_gpu(inputs)  # also the capture's below: copies from the host cannot be captured
     expect_error(ValueError, ["NVLink buffer holds", "num_nvl_bytes must be at least"],
                  lambda: ops.dispatch(me["x"], None, me["topk_idx"], me["topk_weights"], me["is_token_in_rank"],
                                       small.num_experts, 1, big.num_tokens * world_size, group_name))  # fmt: skip
     assert_same(dispatch(small, me), expected[rank], f"rank {rank}: dispatch after the worst-token error")
 
-    me = mine_on_gpu(all_inputs(small, world_size))  # copies from the host cannot be captured
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     message = ""
@@ -230,7 +229,7 @@ def exact_mode_limits_worker(rank, world_size, group_name):
 
 
 def test_capacity_errors_and_capture_refusal():
-    parallel_launch(GPU_RANKS, exact_mode_limits_worker, backend="nccl", device="cuda", timeout=300)
+    parallel_launch(GPU_RANKS, capacity_limits_worker, backend="nccl", device="cuda", timeout=300)
 
 
 def host_counts_worker(rank, world_size, group_name):
