@@ -123,7 +123,9 @@ def nvl_bytes_needed(max_recv_rows: int, hidden_bytes: int, num_topk: int, num_s
     def round16(n):
         return (n + 15) // 16 * 16
 
-    row = hidden_bytes + round16(4 * num_scales) + round16(8 * num_topk) + round16(4 * num_topk) + 16
+    # Each row starts on a 128-byte line (csrc/cuda/nvl_rows.cuh).
+    fields = round16(4 * num_scales) + round16(8 * num_topk) + round16(4 * num_topk) + 16
+    row = round_up(hidden_bytes + fields, 128)
     return CONTROL_BYTES + 2 * max_recv_rows * row
 
 

@@ -8,6 +8,8 @@
 //   ce   : cudaMemcpyPeerAsync of all bytes
 //   flags: (`/tmp/nvl_bw flags`, alone) who releases a progress flag and how often, for BF16 and
 //          FP8 row sizes (flag_kernel below)
+//   align: (`/tmp/nvl_bw align`, alone) the same rows written at a destination stride that is not
+//          a multiple of 128 B (a dispatch row's +16 for its source index) or is one
 // Not part of the build: nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -o /tmp/nvl_bw
 // scripts/nvl_write_bandwidth.cu && /tmp/nvl_bw [flags] (needs 2 GPUs with peer access; results
 // in BENCHMARKS.md, sessions 7 and 18).
@@ -49,15 +51,16 @@ __global__ void __launch_bounds__(512) st_kernel(const uint8_t* src, uint8_t* ds
 // overlapped dispatch does: red.release.sys, no fence); 2 each warp releases once per two rows;
 // 3 per wave of the block's rows: a block barrier, then warp 0 releases the wave's flags in one
 // instruction (a lane per row) while the other warps go on.
+// dst_stride: the rows' stride at the destination (row_bytes: packed; `align` mode varies it).
 template <int kMode>
 __global__ void __launch_bounds__(512) flag_kernel(const uint8_t* src, uint8_t* dst, uint64_t* flags,
-                                                   int64_t row_bytes) {
+                                                   int64_t row_bytes, int64_t dst_stride) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wpb = blockDim.x / 32;
   const int stride = gridDim.x * wpb, waves = (kRows + stride - 1) / stride;
   for (int k = 0; k < waves; ++k) {
     const int r = k * stride + blockIdx.x * wpb + warp;
     if (r < kRows) {
-      ep_ops::cuda::warp_copy<true, false, 14>(dst + r * row_bytes, src + r * row_bytes, row_bytes, lane);
+      ep_ops::cuda::warp_copy<true, false, 14>(dst + r * dst_stride, src + r * row_bytes, row_bytes, lane);
     }
     if (kMode == 1 || (kMode == 2 && (k % 2 == 1 || k == waves - 1))) {
       __syncwarp();
@@ -175,14 +178,16 @@ float run_both(Side* sides, Launch launch, int reps = 10) {
 
 int main(int argc, char** argv) {
   const bool flags_only = argc > 1 && std::string(argv[1]) == "flags";
+  const bool align_only = argc > 1 && std::string(argv[1]) == "align";
   Side sides[2];
   const size_t bytes = kRows * kRowBytes;
+  const size_t alloc_bytes = kRows * (kRowBytes + 256);  // room for the `align` mode's widest stride
   for (int i = 0; i < 2; ++i) {
     sides[i].dev = i;
     CK(cudaSetDevice(i));
     CK(cudaDeviceEnablePeerAccess(1 - i, 0));
-    CK(cudaMalloc(&sides[i].src, bytes));
-    CK(cudaMalloc(&sides[i].dst, bytes));
+    CK(cudaMalloc(&sides[i].src, alloc_bytes));
+    CK(cudaMalloc(&sides[i].dst, alloc_bytes));
     CK(cudaMalloc(&sides[i].flags_mem, kRows * 8));
     CK(cudaMemset(sides[i].src, i + 1, bytes));
     CK(cudaMemset(sides[i].flags_mem, 0, kRows * 8));
@@ -206,10 +211,31 @@ int main(int argc, char** argv) {
                                                                                                   : flag_kernel<3>;
           const float us = run_both(sides, [&](Side& me, Side& peer) {
             kernel<<<b, 512, 0, me.stream>>>(me.src, peer.dst, reinterpret_cast<uint64_t*>(peer.flags_mem),
-                                             row_bytes);
+                                             row_bytes, row_bytes);
           });
           printf("row %5lld B  blocks %4d  %-28s %8.1f us  %6.1f GB/s each way\n",
                  static_cast<long long>(row_bytes), b, names[mode], us, row_mb / us * 1e3);
+          fflush(stdout);
+        }
+      }
+    }
+    return 0;
+  }
+  if (align_only) {
+    // The same rows written at the destination with a stride of the row's bytes, + 16 (a dispatch
+    // row: payload, then a 16-byte slot for the source index) and rounded up to 128 B (a line).
+    for (int64_t row_bytes : {int64_t{14336}, int64_t{7392}}) {
+      const double row_mb = kRows * row_bytes / 1e6;
+      for (int64_t stride : {row_bytes, row_bytes + 16, (row_bytes + 16 + 127) / 128 * 128}) {
+        for (int mode : {0, 1}) {
+          const float us = run_both(sides, [&](Side& me, Side& peer) {
+            (mode == 0 ? flag_kernel<0> : flag_kernel<1>)<<<64, 512, 0, me.stream>>>(
+                me.src, peer.dst, reinterpret_cast<uint64_t*>(peer.flags_mem), row_bytes, stride);
+          });
+          printf("row %5lld B  dst stride %5lld (mod 128: %3lld)  %-24s %8.1f us  %6.1f GB/s each way\n",
+                 static_cast<long long>(row_bytes), static_cast<long long>(stride),
+                 static_cast<long long>(stride % 128), mode ? "release per row" : "no flag", us,
+                 row_mb / us * 1e3);
           fflush(stdout);
         }
       }

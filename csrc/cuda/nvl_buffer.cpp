@@ -66,7 +66,7 @@ at::Tensor init_nvl_buffer(const at::Tensor& device_hint, const std::string& gro
   for (int r = 0; r < num_ranks; ++r) view.base[r] = static_cast<uint8_t*>(ptrs[r]);
   view.rank = handle->get_rank();
   view.num_ranks = num_ranks;
-  view.region_bytes = (num_bytes - kControlBytes) / 2 / 16 * 16;
+  view.region_bytes = (num_bytes - kControlBytes) / 2 / 128 * 128;  // rows start on a line
   view.num_bytes = num_bytes;
   auto mapped = make_mapped_host_area();
   void* mapped_on_device = nullptr;

@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> nvl_combine(const PeerView& v, const at::Tens
                                                  : static_cast<int>(topk_weights->size(1));
   const int64_t payload = hidden * x.element_size();
   const int64_t weight_bytes = 4LL * num_topk;
-  const int64_t row_bytes = payload + round16(weight_bytes);
+  const int64_t row_bytes = round_up_line(payload + round16(weight_bytes));  // as dispatch's rows
   const int64_t capacity_rows = v.region_bytes / row_bytes;
   TORCH_CHECK_VALUE(num_rows <= capacity_rows, "ep_ops.combine: the NVLink buffer holds ",
                     capacity_rows, " rows of ", row_bytes, " bytes, this call may need ", num_rows,

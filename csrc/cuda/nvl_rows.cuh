@@ -7,6 +7,7 @@
 namespace ep_ops::cuda {
 
 __host__ __device__ inline int64_t round16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+__host__ __device__ inline int64_t round_up_line(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 
 struct RowLayout {
   int64_t payload;  // hidden * element size (a multiple of 16)
@@ -17,7 +18,9 @@ struct RowLayout {
   __host__ __device__ int64_t topk_at() const { return payload + scales; }
   __host__ __device__ int64_t weights_at() const { return topk_at() + topk; }
   __host__ __device__ int64_t src_at() const { return weights_at() + weights; }
-  __host__ __device__ int64_t bytes() const { return src_at() + 16; }
+  // Rows start on a 128-byte line (the regions do: nvl_buffer.cpp), so that a warp's 512-byte
+  // store of a row never straddles a fifth line over NVLink.
+  __host__ __device__ int64_t bytes() const { return round_up_line(src_at() + 16); }
 };
 
 // Of a stream of `rows` rows that starts at row `start` of a region holding `capacity_rows`, the
