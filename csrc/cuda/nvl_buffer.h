@@ -58,6 +58,9 @@ struct Control {
   // the launch's last block out resets it to 0), and the blocks out, cumulative.
   uint64_t dispatch_recv_next;
   uint64_t dispatch_recv_exits;
+  // A cached dispatch's one launch, local: its blocks out, cumulative; the last one out closes
+  // the epoch the launch opened (nvl_dispatch_overlap.cu).
+  uint64_t dispatch_launch_exits;
   // Exact mode's split, local: the host's request number of the latest notify whose prefix
   // matrix, totals and token positions are written; the send part, launched beside notify,
   // waits for it (nvl_exact_totals.h).

@@ -9,6 +9,9 @@
 //   recv:   copy the rows out into the output tensors, then tell the sources their rows are
 //           consumed.
 // Epochs and counters live in the buffer, so a captured graph replays correctly.
+// A cached dispatch with the overlapped kernel runs no notify: the handle has the prefix matrix
+// and the tokens of our rows to ourselves, and the one launch opens its epoch itself
+// (nvl_dispatch_overlap.cu).
 // Exact mode (no num_worst_tokens, no handle) reads notify's totals on the host to size its
 // outputs: through the buffer's mapped host area, with the overlapped kernel's send blocks
 // already running on a side stream (nvl_exact_totals.h says how and why).
@@ -293,7 +296,8 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                                const at::Tensor& is_token_in_rank, int64_t num_experts,
                                int64_t expert_alignment, int64_t num_worst_tokens,
                                const std::optional<at::Tensor>& given_prefix,
-                               int64_t given_rows, bool routing_only, bool host_counts) {
+                               const std::optional<at::Tensor>& given_src, bool routing_only,
+                               bool host_counts) {
   c10::cuda::CUDAGuard guard(x_in.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int R = v.num_ranks, me = v.rank;
@@ -310,6 +314,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   TORCH_CHECK_VALUE(per_rank <= kMaxLocalExperts, "ep_ops.dispatch: at most ", kMaxLocalExperts,
                     " experts per rank on NVLink, got ", per_rank);
   const DispatchOverlapConfig overlap = dispatch_overlap_config();
+  const int64_t given_rows = given_src.has_value() ? given_src->size(0) : -1;
   const bool exact = given_rows < 0 && num_worst_tokens == 0;
   TORCH_CHECK(!exact || c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
               "ep_ops.dispatch: exact mode (num_worst_tokens=0) reads its row count on the host, "
@@ -337,7 +342,12 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   // needs the token of each of those rows. Not with routing_only: dispatch_permuted's copy reads
   // every row from the buffer.
   const bool self_direct = overlap.enabled && !routing_only;
-  auto own_tokens = at::empty({self_direct ? num_tokens : 0}, int_options);
+  // A cached dispatch's one launch runs without notify: the handle has the prefix matrix and, in
+  // its recv_src_idx, the token of each of our rows to ourselves; the launch opens its own epoch
+  // and each send block writes its tokens' positions (nvl_dispatch_overlap.cu).
+  const bool opens_epoch = given_src.has_value() && self_direct;
+  auto own_tokens = opens_epoch ? given_src->contiguous()
+                                : at::empty({self_direct ? num_tokens : 0}, int_options);
   auto w = has_weights ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
   auto s = x_scales.has_value() ? std::optional<at::Tensor>(x_scales->contiguous()) : std::nullopt;
   const TotalsRequest host_totals = exact ? next_totals_request(v) : TotalsRequest{nullptr, 0};
@@ -350,14 +360,16 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
     C10_CUDA_CHECK(cudaEventRecord(sync->inputs, stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(sync->side, sync->inputs, 0));
   }
-  notify_kernel<<<1, kScanThreads, 0, stream>>>(
-      v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
-      given_prefix.has_value() ? prefix.data_ptr<int32_t>() : nullptr,
-      given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(), totals.data_ptr<int32_t>(),
-      positions.data_ptr<int32_t>(), self_direct ? own_tokens.data_ptr<int32_t>() : nullptr,
-      notify_counts, notify_counts ? idx->data_ptr<int64_t>() : nullptr, num_topk, static_cast<int>(per_rank),
-      host_totals.device, host_totals.request, /*release_prefix=*/split);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!opens_epoch) {
+    notify_kernel<<<1, kScanThreads, 0, stream>>>(
+        v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
+        given_prefix.has_value() ? prefix.data_ptr<int32_t>() : nullptr,
+        given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(), totals.data_ptr<int32_t>(),
+        positions.data_ptr<int32_t>(), self_direct ? own_tokens.data_ptr<int32_t>() : nullptr, notify_counts,
+        notify_counts ? idx->data_ptr<int64_t>() : nullptr, num_topk, static_cast<int>(per_rank),
+        host_totals.device, host_totals.request, /*release_prefix=*/split);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 
   DispatchSendArgs send{static_cast<const uint8_t*>(x.data_ptr()), bytes_of(s), bytes_of(idx), bytes_of(w),
                 in_rank.data_ptr<bool>(), positions.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
@@ -419,7 +431,8 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   if (split) {
     launch_dispatch_overlap(overlap, v, send, recv, capacity_rows, stream, OverlapPart::kReceive);
   } else if (overlap.enabled) {
-    launch_dispatch_overlap(overlap, v, send, recv, capacity_rows, stream);
+    launch_dispatch_overlap(overlap, v, send, recv, capacity_rows, stream, OverlapPart::kAll, nullptr, 0,
+                            opens_epoch);
   } else {
     send_kernel<<<kSendBlocks, kThreads, 0, stream>>>(v, send);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

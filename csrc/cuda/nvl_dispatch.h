@@ -27,8 +27,8 @@ struct NvlDispatchResult {
 bool nvl_dispatch_supported(const at::Tensor& x, const std::optional<at::Tensor>& topk_idx,
                             const PeerView& v);
 
-// Dispatch (given_prefix empty, given_rows < 0) or cached dispatch (the handle's prefix matrix
-// and its row count). Inputs are checked by the caller. routing_only (dispatch_permuted): no
+// Dispatch (given_prefix and given_src empty) or cached dispatch (the handle's prefix matrix and
+// recv_src_idx, whose length is the row count). Inputs are checked by the caller. routing_only (dispatch_permuted): no
 // recv_x / recv_x_scales; the rows stay in the buffer, which stays held until the caller's
 // permuted copy posts the freed flags (nvl_dispatch_permuted). host_counts (exact mode with
 // top-k, at most kMaxNotifyExperts experts per rank): notify also counts the received tokens per
@@ -39,7 +39,8 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x,
                                const std::optional<at::Tensor>& topk_weights,
                                const at::Tensor& is_token_in_rank, int64_t num_experts,
                                int64_t expert_alignment, int64_t num_worst_tokens,
-                               const std::optional<at::Tensor>& given_prefix, int64_t given_rows,
+                               const std::optional<at::Tensor>& given_prefix,
+                               const std::optional<at::Tensor>& given_src,
                                bool routing_only = false, bool host_counts = false);
 
 // dispatch_permuted: dispatch's notify and send kernels, the routing columns of the received

@@ -29,6 +29,15 @@
 // each, so that counter stays in step with the separate kernels and a process may switch paths
 // between calls (every rank must take the same path within a call).
 //
+// A cached dispatch's one launch (opens_epoch) runs without notify before it: the handle
+// has the prefix matrix and our own rows' tokens. The launch opens its own epoch: every block
+// reads Control::dispatch_epoch at its start and works for the next one; each send block writes
+// its own tokens' positions (notify's scan, the block's tokens kept) and waits for every
+// receiver's freed flag of the previous epoch before its first row; the last block out (a ticket
+// count over all S + Q blocks, so every block has read the old epoch) writes the new one.
+// Notify's launch, scan over all tokens and freed wait cost ~9 us before the send (2 x H200,
+// session 18, BENCHMARKS.md).
+//
 // Co-residency: receive blocks spin on our own send blocks (the stream to ourselves), so every
 // block must be resident at once: S + Q must not exceed the blocks the device holds (checked
 // here, else the caller falls back). Send blocks have the lowest indices and wait for nothing
@@ -42,6 +51,7 @@
 #include "nvl_dispatch.h"
 #include "nvl_dispatch_overlap.h"
 #include "nvl_overlap_config.h"
+#include "nvl_positions.cuh"
 #include "nvl_recv_done.cuh"
 #include "nvl_signals.cuh"
 
@@ -52,6 +62,9 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kSendBlocks = 256;  // the separate send kernel's blocks (nvl_dispatch.cu)
 constexpr int kDefaultSendBlocks = 64;
+// Tickets per launch on dispatch_launch_exits: at least the most blocks a launch has (S divides
+// kSendBlocks, Q <= kDispatchRecvBlocks), so that every block adds at least one.
+constexpr int kLaunchExitTickets = kSendBlocks + kDispatchRecvBlocks;
 
 struct ChunkPlan {
   int send_blocks;    // S: blocks [0, S) of the S + Q send
@@ -61,6 +74,9 @@ struct ChunkPlan {
   bool self_direct;   // our rows to ourselves skip the buffer (recv.own_tokens is set)
   const int32_t* totals;  // OverlapPart::kSend: notify's per-rank totals (nvl_dispatch_overlap.h)
   uint64_t prefix_request;  // OverlapPart::kSend: the dispatch_prefix_ready value to wait for
+  // A cached dispatch's one launch, without notify (the top of this file). A flag, not the
+  // positions' nullness: on a rank with no tokens they have no data.
+  bool opens_epoch;
 };
 
 // Exact mode's split send part runs beside notify: it waits for notify's prefix matrix, totals and
@@ -103,12 +119,35 @@ __device__ __forceinline__ void flag_rows(const PeerView& v, const SendLane& s, 
   }
 }
 
+// The positions of send block `block`'s tokens (t / kWarps % S == block: whole groups of 4).
+// Out of line, with scalar arguments: the scan's registers stay out of the send loop's
+// allocation (inlined, the kernel's spills grew from 148 to 520 bytes).
+static __device__ __noinline__ void write_block_positions(const bool* in_rank, int num_tokens, int R,
+                                                          int32_t* positions, int send_blocks, int block) {
+  token_positions<kThreads>(in_rank, num_tokens, R, positions, nullptr,
+                            [&](int64_t t) { return t / kWarps % send_blocks == block; });
+}
+
+// A launch that opens its epoch (the top of this file): the send block writes the positions of
+// its own tokens, then waits until every receiver has consumed our rows of the previous epoch.
+// False: give up (nothing was written).
+__device__ __forceinline__ bool open_send(const PeerView& v, const DispatchSendArgs& a, const ChunkPlan& p,
+                                          int block, uint64_t epoch) {
+  write_block_positions(a.in_rank, a.num_tokens, v.num_ranks, a.positions, p.send_blocks, block);
+  const int tid = threadIdx.x;
+  const bool ok = tid >= v.num_ranks || wait_at_least(v.watchdog, &v.control(v.rank)->dispatch_freed[tid],
+                                                      epoch - 1, v.rank, tid, kWaitDispatchFreed);
+  return block_waits_ok(ok);  // the positions and the acquires before any row
+}
+
 // A warp takes tokens t = warp, warp + S * kWarps, ...; the next token's destinations are loaded
 // while this one is sent, and a token's rows are flagged once the next token's first loads are
 // in flight (the release waits for the rows to land: ~1-2 us that the loads now share).
-__device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendArgs& a, const ChunkPlan& p,
-                                          int block) {
-  if (!wait_for_prefix(v, p)) return;
+// `epoch`: this dispatch's. False: a wait gave up.
+__device__ __forceinline__ bool send_role(const PeerView& v, const DispatchSendArgs& a, const ChunkPlan& p,
+                                          int block, uint64_t epoch) {
+  if (!wait_for_prefix(v, p)) return false;
+  if (p.opens_epoch && !open_send(v, a, p, block, epoch)) return false;
   const int lane = threadIdx.x % 32, stride = p.send_blocks * kWarps;
   const int num_tokens = totals_overflow(p, v.num_ranks) ? 0 : a.num_tokens;
   const SendLane lane_dest = send_lane(v, a, lane);
@@ -133,6 +172,7 @@ __device__ __forceinline__ void send_role(const PeerView& v, const DispatchSendA
   if (threadIdx.x < v.num_ranks) {
     add_release(&v.control(threadIdx.x)->dispatch_arrivals[v.rank], kSendBlocks / p.send_blocks);
   }
+  return true;
 }
 
 // Source s's stream in our region: where it starts, how many of its rows fit, its rows per chunk.
@@ -175,14 +215,24 @@ __device__ __forceinline__ RecvItems recv_items(const DispatchRecvArgs& a, const
   return w;
 }
 
+// The token of our own stream's row n (output row; `base`: the stream's first): own_tokens is
+// indexed by position in the stream, or in a launch that opens its epoch (the handle's
+// recv_src_idx) by output row. A handle's token out of range (not from this dispatch) gives -1,
+// read as a padding row rather than out of bounds.
+__device__ __forceinline__ int own_token(const DispatchRecvArgs& a, const DispatchSendArgs& in,
+                                         const ChunkPlan& p, int64_t n, int64_t base) {
+  const int t = a.own_tokens[p.opens_epoch ? n : n - base];
+  return t >= 0 && t < in.num_tokens ? t : -1;
+}
+
 // Receive block q of Q takes work items until none is left, then posts its share of the freed
-// tickets; the last block out resets the item counter.
-__device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvArgs& a,
+// tickets; the last block out resets the item counter. `cur`: this dispatch's epoch. False: a
+// wait gave up.
+__device__ __forceinline__ bool recv_role(const PeerView& v, const DispatchRecvArgs& a,
                                           const DispatchSendArgs& in, const ChunkPlan& p,
-                                          int32_t* hist, int64_t (&taken)[2], int q) {
+                                          int32_t* hist, int64_t (&taken)[2], int q, uint64_t cur) {
   const int me = v.rank, R = v.num_ranks, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   Control* mine = v.control(me);
-  const uint64_t cur = mine->dispatch_epoch;
   for (int i = tid; i < a.experts_per_rank; i += blockDim.x) hist[i] = 0;
   __syncthreads();
 
@@ -209,7 +259,12 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
       const Stream own = stream_of(a, p, R, me, me);
       const int64_t lo = g * own.chunk, hi = min(own.rows, lo + own.chunk);
       for (int64_t n = own.base + lo + warp; n < own.base + hi && n < a.num_rows; n += kWarps) {
-        dispatch_recv_row(a, n, TokenRow{in, a.own_tokens[n - own.base]}, first_expert, hist, lane);
+        const int t = own_token(a, in, p, n, own.base);
+        if (t < 0) {
+          dispatch_recv_padding(a, n, lane);
+        } else {
+          dispatch_recv_row(a, n, TokenRow{in, t}, first_expert, hist, lane);
+        }
       }
       continue;
     }
@@ -225,7 +280,7 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
       ok = wait_at_least(v.watchdog, counter, static_cast<uint64_t>(hi - lo), me, s, kWaitDispatchRows);
       if (ok) *reinterpret_cast<volatile uint64_t*>(counter) = 0;  // complete: ready for the next epoch
     }
-    if (!block_waits_ok(ok)) return;  // thread 0's acquire, then the barrier, before the reads
+    if (!block_waits_ok(ok)) return false;  // thread 0's acquire, then the barrier, before the reads
     for (int64_t n = st.base + lo + warp; n < st.base + hi && n < a.num_rows; n += kWarps) {
       const BufferRow</*kConcurrent=*/true> src{region + n * row_bytes, a.row};
       dispatch_recv_row(a, n, src, first_expert, hist, lane);
@@ -238,6 +293,18 @@ __device__ __forceinline__ void recv_role(const PeerView& v, const DispatchRecvA
   if (tid == 0 && last_block_done(&mine->dispatch_recv_exits, tickets, kDispatchRecvBlocks)) {
     mine->dispatch_recv_next = 0;  // every take of this launch is done: the next launch starts at 0
   }
+  return true;
+}
+
+// A launch that opens its epoch: the last of its blocks out writes it (after every block's read
+// of the old one, at its start).
+__device__ __forceinline__ void close_epoch(const PeerView& v, const ChunkPlan& p, int block, uint64_t epoch) {
+  __syncthreads();
+  const uint64_t tickets = tickets_for_block(block, p.send_blocks + p.recv_blocks, kLaunchExitTickets);
+  Control* mine = v.control(v.rank);
+  if (threadIdx.x == 0 && last_block_done(&mine->dispatch_launch_exits, tickets, kLaunchExitTickets)) {
+    mine->dispatch_epoch = epoch;
+  }
 }
 
 __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView v, DispatchSendArgs send,
@@ -246,11 +313,12 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView 
   __shared__ int64_t taken[2];
   if (watchdog_tripped(v.watchdog)) return;  // notify gave up: the prefix matrix is not valid
   const int block = plan.first_block + static_cast<int>(blockIdx.x);
-  if (block < plan.send_blocks) {
-    send_role(v, send, plan, block);
-  } else {
-    recv_role(v, recv, send, plan, hist, taken, block - plan.send_blocks);
-  }
+  // This dispatch's epoch: notify's, or the next one when the launch opens it.
+  const uint64_t epoch = v.control(v.rank)->dispatch_epoch + (plan.opens_epoch ? 1 : 0);
+  const bool done = block < plan.send_blocks
+                        ? send_role(v, send, plan, block, epoch)
+                        : recv_role(v, recv, send, plan, hist, taken, block - plan.send_blocks, epoch);
+  if (done && plan.opens_epoch) close_epoch(v, plan, block, epoch);
 }
 
 }  // namespace
@@ -284,11 +352,12 @@ DispatchOverlapConfig dispatch_overlap_config() {
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
                              const DispatchSendArgs& send, const DispatchRecvArgs& recv,
                              int64_t capacity_rows, cudaStream_t stream, OverlapPart part,
-                             const int32_t* totals, uint64_t prefix_request) {
+                             const int32_t* totals, uint64_t prefix_request, bool opens_epoch) {
   const int S = config.send_blocks, Q = config.recv_blocks;
+  TORCH_CHECK(!opens_epoch || part == OverlapPart::kAll, "ep_ops: only a whole dispatch launch opens its epoch");
   const ChunkPlan plan{S, Q, part == OverlapPart::kReceive ? S : 0, capacity_rows,
                        /*self_direct=*/recv.own_tokens != nullptr, part == OverlapPart::kSend ? totals : nullptr,
-                       part == OverlapPart::kSend ? prefix_request : 0};
+                       part == OverlapPart::kSend ? prefix_request : 0, opens_epoch};
   const int blocks = part == OverlapPart::kSend ? S : part == OverlapPart::kReceive ? Q : S + Q;
   dispatch_overlap_kernel<<<blocks, kThreads, 0, stream>>>(v, send, recv, plan);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -37,10 +37,13 @@ enum class OverlapPart { kAll, kSend, kReceive };
 // skip the buffer), which must be the receive part's. prefix_request (part == kSend): the send
 // blocks first wait until notify, running beside them, sets Control::dispatch_prefix_ready to it
 // (nvl_exact_totals.h); the totals, the prefix matrix and the positions are read after that.
+// opens_epoch (a cached dispatch, part == kAll, no notify before it): the launch opens its own
+// epoch; each send block writes its tokens' positions into send.positions and waits itself for
+// the receivers' freed flags; recv.own_tokens is the handle's recv_src_idx.
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
                              const DispatchSendArgs& send, const DispatchRecvArgs& recv,
                              int64_t capacity_rows, cudaStream_t stream,
                              OverlapPart part = OverlapPart::kAll, const int32_t* totals = nullptr,
-                             uint64_t prefix_request = 0);
+                             uint64_t prefix_request = 0, bool opens_epoch = false);
 
 }  // namespace ep_ops::cuda

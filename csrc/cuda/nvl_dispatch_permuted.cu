@@ -73,7 +73,7 @@ nvl_dispatch_permuted(const PeerView& v, const at::Tensor& x_in, const std::opti
   const int num_topk = static_cast<int>(topk_idx.size(1));
   const bool has_weights = topk_weights.has_value();
   auto routed = nvl_dispatch(v, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts,
-                             1, num_worst_tokens, std::nullopt, -1, /*routing_only=*/true);
+                             1, num_worst_tokens, std::nullopt, std::nullopt, /*routing_only=*/true);
 
   // From here to the copy kernel nothing may throw: the buffer stays held until it runs.
   const int64_t per_rank = num_experts / v.num_ranks;

@@ -22,7 +22,9 @@ struct DispatchSendArgs {
   const uint8_t* topk;
   const uint8_t* weights;
   const bool* in_rank;
-  const int32_t* positions;  // [T, R]: the token's index among our tokens for each destination
+  // [T, R]: the token's index among our tokens for each destination, written by notify, or by
+  // the send blocks of a launch that opens its epoch (nvl_dispatch_overlap.cu)
+  int32_t* positions;
   const int32_t* prefix;     // rank_prefix_matrix [R, R]
   int num_tokens;
   RowLayout row;
@@ -45,7 +47,9 @@ struct DispatchRecvArgs {
   bool post_freed;
   // The overlapped dispatch's rows to ourselves: own_tokens[j] is the token at position j of our
   // stream to ourselves, whose row is copied from the send inputs (TokenRow) instead of through
-  // our own buffer; null: every stream goes through the buffer.
+  // our own buffer; null: every stream goes through the buffer. A cached dispatch's one launch,
+  // which has no notify to invert our column, passes the handle's recv_src_idx instead: the
+  // token of each output row (nvl_dispatch_overlap.cu).
   const int32_t* own_tokens;
 };
 

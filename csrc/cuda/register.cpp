@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "../collective/checks.h"
+#include "../collective/handle.h"
 #include "../collective/ops.h"
 #include "../dispatch_counts.h"
 #include "nvl_buffer.h"
@@ -43,7 +44,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dispatch(
   TORCH_CHECK_VALUE(num_worst_tokens >= 0, "ep_ops.dispatch: num_worst_tokens must be >= 0, got ",
                     num_worst_tokens);
   auto r = nvl_dispatch(*view, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_experts,
-                        expert_alignment, num_worst_tokens, std::nullopt, -1, /*routing_only=*/false,
+                        expert_alignment, num_worst_tokens, std::nullopt, std::nullopt, /*routing_only=*/false,
                         /*host_counts=*/take_dispatch_counts_request(group_name));
   if (!r.host_expert_counts.empty()) leave_dispatch_counts(group_name, std::move(r.host_expert_counts));
   return {r.recv_x,      r.recv_x_scales, r.recv_topk_idx, r.recv_topk_weights,
@@ -63,10 +64,11 @@ std::tuple<Tensor, Tensor> cached_dispatch(const Tensor& x, const OptTensor& x_s
   check_watchdog(*view, "cached_dispatch");
   check_dispatch_inputs(x, x_scales, std::nullopt, std::nullopt, is_token_in_rank, 0,
                         view->num_ranks, "cached_dispatch");
-  collective::check_matrix(rank_prefix_matrix, "cached_dispatch", "rank_prefix_matrix", at::kInt,
-                           view->num_ranks, view->num_ranks, x.device());
+  // The kernels read recv_src_idx too: our own rows' tokens (nvl_dispatch_overlap.cu).
+  collective::check_handle_tensors(x, is_token_in_rank, rank_prefix_matrix, recv_src_idx, view->num_ranks,
+                                   "cached_dispatch");
   auto r = nvl_dispatch(*view, x, x_scales, std::nullopt, std::nullopt, is_token_in_rank, 0, 1, 0,
-                        rank_prefix_matrix, recv_src_idx.size(0));
+                        rank_prefix_matrix, recv_src_idx);
   return {r.recv_x, r.recv_x_scales};
 }
 

@@ -1,7 +1,8 @@
 """The NVLink kernels (dispatch, cached dispatch, combine) on GPU_RANKS GPUs of one host
 (EP_OPS_GPU_RANKS, default 2): bitwise equal to the CPU reference (the CPU suite's cases, made
 valid on GPU_RANKS ranks by ``for_world``, each run twice), and a captured CUDA graph of
-worst-token dispatch -> expert -> combine that replays correctly while the routing changes.
+worst-token dispatch -> expert -> combine -> dispatch with the handle that replays correctly while
+the routing changes.
 Skipped without GPU_RANKS GPUs."""
 
 import dataclasses
@@ -17,7 +18,12 @@ from test_ops_vs_reference import NORMAL_CASES, normal_worker
 
 from ep_ops.launch import parallel_launch
 from ep_ops.nvl import init_nvl_buffer, nvl_bytes_needed
-from ep_ops.reference import reference_combine, reference_dispatch, reference_layout
+from ep_ops.reference import (
+    reference_cached_dispatch,
+    reference_combine,
+    reference_dispatch,
+    reference_layout,
+)
 
 pytestmark = [pytest.mark.gpu, needs_gpu_ranks]
 
@@ -133,13 +139,16 @@ def graph_worker(rank, world_size, group_name):
             group_name,
         )
         expert = out[0] * 2
-        return ops.combine(expert, out[3], None, None, in_rank, out[5], out[6], group_name)
+        combined = ops.combine(expert, out[3], None, None, in_rank, out[5], out[6], group_name)
+        # A dispatch with the handle: its one launch opens its own epoch, without notify.
+        again, _ = ops.cached_dispatch(static["x"] * 3, None, in_rank, out[5], out[6], group_name)
+        return (*combined, again)
 
     step()  # warm-up outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        combined_x, combined_w = step()
+        combined_x, combined_w, again = step()
     for seed in (11, 12, 13):
         inputs = all_inputs(Case(**{**case.__dict__, "seed": seed}), world_size)
         for key in static:
@@ -163,6 +172,8 @@ def graph_worker(rank, world_size, group_name):
         )
         assert torch.equal(combined_x.cpu(), combined[rank][0]), f"replay {seed}: combined_x"
         assert torch.equal(combined_w.cpu(), combined[rank][1]), f"replay {seed}: combined weights"
+        recached = reference_cached_dispatch([x * 3 for x in xs], None, handles)
+        assert torch.equal(again.cpu(), recached[rank][0]), f"replay {seed}: dispatch with the handle"
     del buffer
 
 
