@@ -119,12 +119,8 @@ def check_nvl_buffers(group: dist.ProcessGroup) -> None:
 def nvl_bytes_needed(max_recv_rows: int, hidden_bytes: int, num_topk: int, num_scales: int = 0) -> int:
     """Bytes a buffer needs so that a rank can receive ``max_recv_rows`` dispatch rows (and
     return as many in combine): control words plus two regions of that many rows."""
-
-    def round16(n):
-        return (n + 15) // 16 * 16
-
-    # Each row starts on a 128-byte line (csrc/cuda/nvl_rows.cuh).
-    fields = round16(4 * num_scales) + round16(8 * num_topk) + round16(4 * num_topk) + 16
+    # Fields rounded to 16 bytes, and each row starts on a 128-byte line (csrc/cuda/nvl_rows.cuh).
+    fields = sum(round_up(n, 16) for n in (4 * num_scales, 8 * num_topk, 4 * num_topk)) + 16
     row = round_up(hidden_bytes + fields, 128)
     return CONTROL_BYTES + 2 * max_recv_rows * row
 
