@@ -31,6 +31,10 @@ CASES = [
     (Case(hidden=256, num_topk=2, num_experts=8, routing="nowhere"), False, False, False),
     (Case(hidden=256, num_topk=3, num_experts=8, routing="skewed"), False, False, False),
     (Case(hidden=256, num_topk=3, num_experts=8, num_tokens=3), True, False, False),  # rank 1+: 0 tokens
+    # More tokens than SMs (a send block takes two), a top-k that is not a multiple of 8.
+    (Case(hidden=512, num_topk=5, num_experts=64, num_tokens=150), True, True, True),
+    # More local experts than SMs (520 a rank on 2 ranks): a receive block takes several.
+    (Case(hidden=256, num_topk=4, num_experts=1040), False, False, False),
 ]
 
 
