@@ -10,18 +10,16 @@ import argparse
 
 import torch
 import torch.distributed as dist
+from profile_ll import decode_setup  # scripts/ is on the path when a script here runs
 
 from ep_ops.launch import parallel_launch
-from ep_ops.nvl import init_nvl_buffer, ll_bytes_needed, release_nvl_buffer
+from ep_ops.nvl import release_nvl_buffer
 
 
 def worker(rank, world_size, group_name, tokens=128, hidden=7168, topk=8, experts=256, calls=100):
     ops = torch.ops.ep_ops
     group = dist.group.WORLD
-    buffer = init_nvl_buffer(group, ll_bytes_needed(tokens, hidden, world_size, topk), low_latency=True)
-    gen = torch.Generator(device="cuda").manual_seed(rank)
-    x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
-    idx = torch.rand(tokens, experts, device="cuda", generator=gen).topk(topk, dim=1).indices
+    buffer, x, idx, _ = decode_setup(rank, world_size, tokens, hidden, topk, experts)
 
     def settle():
         torch.cuda.synchronize()

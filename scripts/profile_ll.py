@@ -31,15 +31,24 @@ def median_us(fn, iters, group, after=None):
     return sorted(times)[len(times) // 2]
 
 
-def worker(
-    rank, world_size, group_name, tokens=128, hidden=7168, topk=8, experts=256, nowhere=False, profile=True
-):
-    ops = torch.ops.ep_ops
+def decode_setup(rank, world_size, tokens, hidden, topk, experts):
+    """The group's low-latency buffer, this rank's decode inputs (x [tokens, hidden] BF16 and
+    random top-k ids, seeded by rank; ll_settled_halves.py uses the same) and the generator,
+    which goes on to draw the combine's weights."""
     group = dist.group.WORLD
     buffer = init_nvl_buffer(group, ll_bytes_needed(tokens, hidden, world_size, topk), low_latency=True)
     gen = torch.Generator(device="cuda").manual_seed(rank)
     x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
     idx = torch.rand(tokens, experts, device="cuda", generator=gen).topk(topk, dim=1).indices
+    return buffer, x, idx, gen
+
+
+def worker(
+    rank, world_size, group_name, tokens=128, hidden=7168, topk=8, experts=256, nowhere=False, profile=True
+):
+    ops = torch.ops.ep_ops
+    group = dist.group.WORLD
+    buffer, x, idx, gen = decode_setup(rank, world_size, tokens, hidden, topk, experts)
     if nowhere:  # no rows move: what the kernels cost beyond the data
         idx.fill_(-1)
     weights = torch.rand(tokens, topk, device="cuda", generator=gen)
