@@ -65,6 +65,10 @@ struct Control {
   // matrix, totals and token positions are written; the send part, launched beside notify,
   // waits for it (nvl_exact_totals.h).
   uint64_t dispatch_prefix_ready;
+  // Exact mode's split with the sliced layout, local: the request number of the latest notify
+  // that has seen every receiver consume our previous rows and has written our token positions;
+  // the send part needs nothing more before its first row (nvl_dispatch_overlap.cu).
+  uint64_t dispatch_send_ready;
 };
 static_assert(sizeof(Control) <= kControlBytes - kTrippedOffsetFromControlEnd);
 

@@ -132,10 +132,11 @@ __device__ __forceinline__ void count_expert_tokens(const int64_t* topk, int num
 // still post its (zero) counts.
 // host (exact mode): the totals also go to the buffer's mapped host area, stamped with `request`
 // once they are all there (nvl_exact_totals.h).
-// release_prefix (exact mode's split): once the prefix matrix, the totals and the positions are
-// written, set Control::dispatch_prefix_ready to `request`: the send part, launched beside this
-// kernel, starts then, and what follows here (the inverse of our column, the sums of the
-// per-expert counts, the host's stamp) runs beside the send instead of before it.
+// release_prefix (exact mode's split): once the positions are written and every receiver has
+// freed our previous rows, set Control::dispatch_send_ready to `request` (the sliced send
+// starts then); once the prefix matrix and the totals are written too, set
+// Control::dispatch_prefix_ready to it (the packed send starts then, and the sliced send's rows
+// past their slice). What follows each runs beside the send instead of before it.
 __global__ void __launch_bounds__(kScanThreads) notify_kernel(
     PeerView v, const bool* in_rank, int num_tokens, const int32_t* given_prefix,
     int32_t* prefix_out, int32_t* totals_out, int32_t* positions, int32_t* own_tokens,
@@ -161,6 +162,8 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
   bool ok = tid >= R || wait_at_least(v.watchdog, &mine->dispatch_freed[tid], cur - 1, me, tid,
                                       kWaitDispatchFreed);
   if (!block_waits_ok(ok)) return;
+  // The split's sliced send may start: it needs only the freed flags and our positions.
+  if (release_prefix && tid == 0) store_release(&mine->dispatch_send_ready, request);
 
   if (given_prefix == nullptr) {
     if (count_experts) {  // each destination's slice of our histogram, before its counts flag
@@ -223,14 +226,26 @@ __global__ void __launch_bounds__(kScanThreads) notify_kernel(
 
 // A dispatch that stops after notify (a capacity error seen by every rank alike) still closes
 // its epoch: as a sender it reports its send blocks done, as a receiver its rows consumed.
-// as_sender false: the send blocks ran already (a split launch: they skipped their rows and
-// reported themselves, nvl_dispatch_overlap.h).
-__global__ void abort_kernel(PeerView v, bool as_sender) {
-  const int tid = threadIdx.x;
-  if (tid >= v.num_ranks) return;
-  const uint64_t cur = v.control(v.rank)->dispatch_epoch;
-  if (as_sender) add_release(&v.control(tid)->dispatch_arrivals[v.rank], kSendBlocks);
-  store_release(&v.control(tid)->dispatch_freed[v.rank], cur);
+// as_sender false: the send blocks ran already (a split launch: they reported themselves,
+// nvl_dispatch_overlap.h). drain_chunks (the split's sliced send, which starts before the totals
+// are known): the sources may have flagged rows on our chunk counters; once every source's send
+// blocks are in, reset the counters, then free the region.
+__global__ void abort_kernel(PeerView v, bool as_sender, bool drain_chunks) {
+  const int tid = threadIdx.x, me = v.rank, R = v.num_ranks;
+  Control* mine = v.control(me);
+  const uint64_t cur = mine->dispatch_epoch;
+  if (drain_chunks) {
+    const bool ok = tid >= R || wait_at_least(v.watchdog, &mine->dispatch_arrivals[tid], cur * kSendBlocks,
+                                              me, tid, kWaitDispatchRows);
+    if (!block_waits_ok(ok)) return;
+    for (int i = tid; i < R * kMaxDispatchChunks; i += blockDim.x) {
+      mine->dispatch_chunk_rows[i / kMaxDispatchChunks][i % kMaxDispatchChunks] = 0;
+    }
+    __syncthreads();  // every reset before the freed flags (the release below is cumulative)
+  }
+  if (tid >= R) return;
+  if (as_sender) add_release(&v.control(tid)->dispatch_arrivals[me], kSendBlocks);
+  store_release(&v.control(tid)->dispatch_freed[me], cur);
 }
 
 __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, DispatchSendArgs a) {
@@ -355,6 +370,9 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   // device for notify's prefix (release_prefix), while the host reads the totals
   // (nvl_exact_totals.h); `join` puts the side stream back into ours on every exit.
   const bool split = exact && overlap.enabled && self_direct && env_switch_on("EP_OPS_NVL_EXACT_SPLIT");
+  // The split's send places rows in fixed slices of the receivers' regions, so it starts once
+  // notify has seen the freed flags, without the prefix matrix (nvl_dispatch_overlap.cu).
+  const bool sliced = split && env_switch_on("EP_OPS_NVL_SLICED");
   ExactSplitSync* sync = exact ? &exact_split_sync(x.get_device()) : nullptr;
   if (split) {  // what the send reads was written on our stream before this point
     C10_CUDA_CHECK(cudaEventRecord(sync->inputs, stream));
@@ -381,7 +399,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
     DispatchRecvArgs rows_to_self{};  // all the send part reads of the receive's arguments
     rows_to_self.own_tokens = own_tokens.data_ptr<int32_t>();
     launch_dispatch_overlap(overlap, v, send, rows_to_self, capacity_rows, sync->side, OverlapPart::kSend,
-                            totals.data_ptr<int32_t>(), host_totals.request);
+                            totals.data_ptr<int32_t>(), host_totals.request, /*opens_epoch=*/false, sliced);
   }
   const SideStreamJoin join(split ? sync : nullptr, stream);
   // Sized without the totals: zeroed before the host's wait, off the path to the receive's launch.
@@ -395,7 +413,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
     int64_t most = 0;
     for (int r = 0; r < R; ++r) most = std::max<int64_t>(most, t[r]);
     if (most > capacity_rows) {
-      abort_kernel<<<1, 32, 0, stream>>>(v, /*as_sender=*/!split);
+      abort_kernel<<<1, 256, 0, stream>>>(v, /*as_sender=*/!split, /*drain_chunks=*/sliced);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       TORCH_CHECK_VALUE(false, "ep_ops.dispatch: the NVLink buffer is too small: a rank receives ",
                         most, " rows of ", row.bytes(), " bytes; num_nvl_bytes must be at least ",
@@ -429,7 +447,8 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                 num_rows, row, copy_rows ? num_scales : 0, num_topk, static_cast<int>(per_rank),
                 /*post_freed=*/copy_rows, self_direct ? own_tokens.data_ptr<int32_t>() : nullptr};
   if (split) {
-    launch_dispatch_overlap(overlap, v, send, recv, capacity_rows, stream, OverlapPart::kReceive);
+    launch_dispatch_overlap(overlap, v, send, recv, capacity_rows, stream, OverlapPart::kReceive, nullptr, 0,
+                            /*opens_epoch=*/false, sliced);
   } else if (overlap.enabled) {
     launch_dispatch_overlap(overlap, v, send, recv, capacity_rows, stream, OverlapPart::kAll, nullptr, 0,
                             opens_epoch);

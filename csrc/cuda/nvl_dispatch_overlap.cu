@@ -29,6 +29,16 @@
 // each, so that counter stays in step with the separate kernels and a process may switch paths
 // between calls (every rank must take the same path within a call).
 //
+// Exact mode's split with the sliced layout (the default; EP_OPS_NVL_SLICED=0 for the packed
+// one): source s's stream to d starts at row s * (capacity / R) of d's region, not after the
+// rows of lower sources, so the send part needs only what notify has after its scan and its
+// freed check (Control::dispatch_send_ready), not the prefix matrix that waits for every peer's
+// counts: the send starts before the ranks have exchanged anything. Its chunk sizes come from
+// its own counts (the last token's positions). A stream longer than its slice (uneven streams)
+// sends its rows past the slice into the room the other streams leave (sliced_row,
+// nvl_rows.cuh), each after waiting for the prefix matrix, or not at all when the totals are
+// past the region: those rows' stream may have flagged rows already, so the host's abort resets
+// the chunk counters once every source's send is in (abort_kernel, nvl_dispatch.cu).
 // A cached dispatch's one launch (opens_epoch) runs without notify before it: the handle
 // has the prefix matrix and our own rows' tokens. The launch opens its own epoch: every block
 // reads Control::dispatch_epoch at its start and works for the next one; each send block writes
@@ -77,21 +87,67 @@ struct ChunkPlan {
   // A cached dispatch's one launch, without notify (the top of this file). A flag, not the
   // positions' nullness: on a rank with no tokens they have no data.
   bool opens_epoch;
+  // Exact mode's split with the sliced layout (both parts; sliced_row in nvl_rows.cuh): source
+  // s's stream starts at row s * slice_rows of the receiver's region.
+  bool sliced;
+  int64_t slice_rows;
 };
 
 // Exact mode's split send part runs beside notify: it waits for notify's prefix matrix, totals and
 // positions (nvl_exact_totals.h). Twice the buffer's timeout, so that notify's waits on the peers
 // give up first and name the peer. False: give up (nothing was written).
+// With the sliced layout the send part waits only for notify's freed check and positions
+// (Control::dispatch_send_ready), and a row past our slice for the prefix (row_past_slice).
 __device__ __forceinline__ bool wait_for_prefix(const PeerView& v, const ChunkPlan& p) {
   if (p.prefix_request == 0) return true;
   bool ok = true;
   if (threadIdx.x == 0) {
     Watchdog patient = v.watchdog;
     patient.timeout_ns *= 2;
-    ok = wait_at_least(patient, &v.control(v.rank)->dispatch_prefix_ready, p.prefix_request, v.rank,
-                       v.rank, kWaitDispatchPrefix);
+    Control* mine = v.control(v.rank);
+    ok = wait_at_least(patient, p.sliced ? &mine->dispatch_send_ready : &mine->dispatch_prefix_ready,
+                       p.prefix_request, v.rank, v.rank, kWaitDispatchPrefix);
   }
   return block_waits_ok(ok);  // thread 0's acquire, then the barrier, before anyone's reads
+}
+
+// The sliced send's row `pos` of our stream to `d`, past our slice (uneven streams): it waits
+// for notify's prefix matrix and totals (one lane; twice the buffer's timeout, as above), and
+// gives null when d's total is past the region (the host raises then) or the wait gave up.
+// Out of line, with scalar arguments: rare, and its registers stay out of the send loop.
+static __device__ __noinline__ uint8_t* row_past_slice(Control* mine, uint32_t* tripped, WaitFailure* record,
+                                                       uint64_t timeout_ns, uint64_t request, const int32_t* prefix,
+                                                       const int32_t* totals, int me, int R, int d, int32_t pos,
+                                                       int64_t slice_rows, int64_t capacity_rows,
+                                                       uint8_t* region, int64_t row_bytes) {
+  const Watchdog patient{tripped, record, nullptr, 2 * timeout_ns};
+  if (!wait_at_least(patient, &mine->dispatch_prefix_ready, request, me, me, kWaitDispatchPrefix)) return nullptr;
+  if (*reinterpret_cast<const volatile int32_t*>(totals + d) > capacity_rows) return nullptr;
+  return region + sliced_row(prefix, R, me, d, pos, slice_rows) * row_bytes;
+}
+
+// token_dest for the sliced layout (`s.first_row`: our slice's first row).
+__device__ __forceinline__ TokenDest sliced_token_dest(const PeerView& v, const DispatchSendArgs& a,
+                                                       const ChunkPlan& p, const SendLane& s, int t, int lane) {
+  const int R = v.num_ranks;
+  if (lane >= R || t >= a.num_tokens) return {nullptr, 0};
+  const int64_t at = static_cast<int64_t>(t) * R + lane;
+  const bool in = a.in_rank[at];
+  const int32_t pos = a.positions[at];  // loaded with in_rank; only meaningful when in
+  if (!in || lane == v.rank) return {nullptr, pos};  // our rows to ourselves skip the buffer
+  if (pos < p.slice_rows) return {s.region + (s.first_row + pos) * a.row.bytes(), pos};
+  return {row_past_slice(v.control(v.rank), v.watchdog.tripped, v.watchdog.record, v.watchdog.timeout_ns,
+                         p.prefix_request, a.prefix, p.totals, v.rank, R, lane, pos, p.slice_rows,
+                         p.capacity_rows, s.region, a.row.bytes()),
+          pos};
+}
+
+// Our tokens for destination `d` (the sliced send, before the prefix matrix): the last token's
+// position there plus whether it goes there.
+__device__ __forceinline__ int64_t own_rows_to(const DispatchSendArgs& a, int R, int d) {
+  if (a.num_tokens == 0) return 0;
+  const int64_t at = static_cast<int64_t>(a.num_tokens - 1) * R + d;
+  return a.positions[at] + (a.in_rank[at] ? 1 : 0);
 }
 
 // Whether a destination receives more rows than fit (a split send, which starts before the
@@ -148,17 +204,25 @@ __device__ __forceinline__ bool send_role(const PeerView& v, const DispatchSendA
                                           int block, uint64_t epoch) {
   if (!wait_for_prefix(v, p)) return false;
   if (p.opens_epoch && !open_send(v, a, p, block, epoch)) return false;
-  const int lane = threadIdx.x % 32, stride = p.send_blocks * kWarps;
-  const int num_tokens = totals_overflow(p, v.num_ranks) ? 0 : a.num_tokens;
-  const SendLane lane_dest = send_lane(v, a, lane);
-  const int64_t chunk = lane < v.num_ranks ? dispatch_chunk_rows(a.prefix, v.num_ranks, v.rank, lane) : 1;
+  const int lane = threadIdx.x % 32, stride = p.send_blocks * kWarps, R = v.num_ranks;
+  // Sliced: the totals are not known yet (row_past_slice checks them where it matters).
+  const int num_tokens = !p.sliced && totals_overflow(p, R) ? 0 : a.num_tokens;
+  SendLane lane_dest = send_lane(v, a, lane);
+  if (p.sliced) lane_dest.first_row = v.rank * p.slice_rows;
+  const int64_t chunk = lane >= R   ? 1
+                        : p.sliced ? stream_chunk_rows(own_rows_to(a, R, lane), kWarps, kMaxDispatchChunks)
+                                   : dispatch_chunk_rows(a.prefix, R, v.rank, lane);
+  const auto dest_of = [&](int token) {
+    return p.sliced ? sliced_token_dest(v, a, p, lane_dest, token, lane)
+                    : token_dest(v, a, lane_dest, token, p.capacity_rows, p.self_direct, lane);
+  };
   int t = block * kWarps + threadIdx.x / 32;
-  TokenDest next = token_dest(v, a, lane_dest, t, p.capacity_rows, p.self_direct, lane);
+  TokenDest next = dest_of(t);
   uint32_t pending = 0;  // the previous token's rows, not flagged yet
   int32_t pending_pos = 0;
   for (; t < num_tokens; t += stride) {
     const TokenDest cur = next;
-    next = token_dest(v, a, lane_dest, t + stride, p.capacity_rows, p.self_direct, lane);
+    next = dest_of(t + stride);
     const uint32_t dests = __ballot_sync(0xffffffffu, cur.row != nullptr);
     if (dests == 0) continue;
     dispatch_send_token(a, t, dests, cur.row, lane, [&] {
@@ -282,7 +346,8 @@ __device__ __forceinline__ bool recv_role(const PeerView& v, const DispatchRecvA
     }
     if (!block_waits_ok(ok)) return false;  // thread 0's acquire, then the barrier, before the reads
     for (int64_t n = st.base + lo + warp; n < st.base + hi && n < a.num_rows; n += kWarps) {
-      const BufferRow</*kConcurrent=*/true> src{region + n * row_bytes, a.row};
+      const int64_t in_region = p.sliced ? sliced_row(a.prefix, R, s, me, n - st.base, p.slice_rows) : n;
+      const BufferRow</*kConcurrent=*/true> src{region + in_region * row_bytes, a.row};
       dispatch_recv_row(a, n, src, first_expert, hist, lane);
     }
   }
@@ -352,12 +417,16 @@ DispatchOverlapConfig dispatch_overlap_config() {
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
                              const DispatchSendArgs& send, const DispatchRecvArgs& recv,
                              int64_t capacity_rows, cudaStream_t stream, OverlapPart part,
-                             const int32_t* totals, uint64_t prefix_request, bool opens_epoch) {
+                             const int32_t* totals, uint64_t prefix_request, bool opens_epoch, bool sliced) {
   const int S = config.send_blocks, Q = config.recv_blocks;
   TORCH_CHECK(!opens_epoch || part == OverlapPart::kAll, "ep_ops: only a whole dispatch launch opens its epoch");
+  // The split runs with our rows to ourselves skipping the buffer, which the sliced layout
+  // assumes (sliced_row); own_tokens cannot tell here: on a rank with no tokens it has no data.
+  TORCH_CHECK(!sliced || part != OverlapPart::kAll, "ep_ops: only exact mode's split uses the sliced layout");
   const ChunkPlan plan{S, Q, part == OverlapPart::kReceive ? S : 0, capacity_rows,
                        /*self_direct=*/recv.own_tokens != nullptr, part == OverlapPart::kSend ? totals : nullptr,
-                       part == OverlapPart::kSend ? prefix_request : 0, opens_epoch};
+                       part == OverlapPart::kSend ? prefix_request : 0, opens_epoch, sliced,
+                       capacity_rows / v.num_ranks};
   const int blocks = part == OverlapPart::kSend ? S : part == OverlapPart::kReceive ? Q : S + Q;
   dispatch_overlap_kernel<<<blocks, kThreads, 0, stream>>>(v, send, recv, plan);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

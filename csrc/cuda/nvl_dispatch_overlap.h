@@ -40,10 +40,13 @@ enum class OverlapPart { kAll, kSend, kReceive };
 // opens_epoch (a cached dispatch, part == kAll, no notify before it): the launch opens its own
 // epoch; each send block writes its tokens' positions into send.positions and waits itself for
 // the receivers' freed flags; recv.own_tokens is the handle's recv_src_idx.
+// sliced (exact mode's split, both parts alike): each source's rows at a fixed slice of the
+// receiver's region; the send part waits for Control::dispatch_send_ready instead (notify's freed
+// check and positions), and for the prefix only for rows past its slice (nvl_dispatch_overlap.cu).
 void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView& v,
                              const DispatchSendArgs& send, const DispatchRecvArgs& recv,
                              int64_t capacity_rows, cudaStream_t stream,
                              OverlapPart part = OverlapPart::kAll, const int32_t* totals = nullptr,
-                             uint64_t prefix_request = 0, bool opens_epoch = false);
+                             uint64_t prefix_request = 0, bool opens_epoch = false, bool sliced = false);
 
 }  // namespace ep_ops::cuda

@@ -20,8 +20,13 @@
 //     launch in a quiet call: dispatch BF16 226.9-230.0 us against 232.4-233.3, FP8 151.9-153.7
 //     against 155.1-157.2 (BENCHMARKS.md). Their wait's timeout is twice the buffer's, so that
 //     notify's own waits on the peers trip the watchdog first and name the peer.
+//     With the sliced layout (the default) the send blocks wait for less: notify's freed check
+//     and positions (Control::dispatch_send_ready), before it posts or waits for any count, so
+//     the exchange with the peers (and Buffer.dispatch's per-expert histogram) runs beside the
+//     send too (nvl_dispatch_overlap.cu).
 // EP_OPS_NVL_EXACT_SPLIT=0 (read at every call; set it alike on every rank) launches the whole
-// overlapped kernel after the host's read instead, for A/B.
+// overlapped kernel after the host's read instead, for A/B; EP_OPS_NVL_SLICED=0 keeps the split
+// with the packed layout, whose send waits for the prefix matrix.
 #pragma once
 
 #include <cuda_runtime.h>

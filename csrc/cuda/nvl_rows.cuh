@@ -41,6 +41,32 @@ __host__ __device__ inline int32_t rows_sent(const int32_t* prefix, int R, int s
   return prefix[s * R + d] - rows_before(prefix, R, s, d);
 }
 
+// The sliced layout of a dispatch region (exact mode's split, nvl_dispatch_overlap.cu): each
+// source's stream starts at a fixed slice of `slice_rows` rows (slice s for source s), so a
+// sender places its rows knowing only its own counts. Row j of source s's stream to d, for j >=
+// slice_rows (uneven streams only), goes into the room the streams to d leave free: counted in
+// source order over every stream's rows past its slice, then placed in order over the slices'
+// free tails and the rows past R * slice_rows. d's stream to itself skips the buffer (self
+// direct), leaving its slice free. From the prefix matrix: a sender needs it only for rows past
+// its slice.
+// Out of line, scalar arguments: rare, and its registers stay out of the callers' loops.
+static __device__ __noinline__ int64_t sliced_row_past(const int32_t* prefix, int R, int s, int d, int64_t j,
+                                                      int64_t slice_rows) {
+  const auto in_buffer = [&](int q) -> int64_t { return q == d ? 0 : rows_sent(prefix, R, q, d); };
+  int64_t x = j - slice_rows;  // among all rows past their slices
+  for (int q = 0; q < s; ++q) x += max(int64_t{0}, in_buffer(q) - slice_rows);
+  for (int q = 0; q < R; ++q) {
+    const int64_t used = min(in_buffer(q), slice_rows), room = slice_rows - used;
+    if (x < room) return q * slice_rows + used + x;
+    x -= room;
+  }
+  return R * slice_rows + x;
+}
+__device__ __forceinline__ int64_t sliced_row(const int32_t* prefix, int R, int s, int d, int64_t j,
+                                              int64_t slice_rows) {
+  return j < slice_rows ? s * slice_rows + j : sliced_row_past(prefix, R, s, d, j, slice_rows);
+}
+
 // Rows per chunk of an overlapped kernel's stream of `stream_rows` rows (rows_sent: the same
 // number on its sender and its receiver, whatever the buffer's size): `min_rows` (a block's
 // warps, a row each), more only when the stream would need over `max_chunks` chunk counters.

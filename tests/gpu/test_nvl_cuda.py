@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from cases import Case, all_inputs, assert_same, expect_error, fit_worst_tokens, for_world
+from cases import Case, all_inputs, assert_same, expect_error, fit_worst_tokens, for_world, inputs_of
 from gpu_ranks import GPU_RANKS, needs_gpu_ranks
 from test_ops_vs_reference import NORMAL_CASES, normal_worker
 
@@ -42,18 +42,23 @@ def test_nvl_ops_match_reference():
     parallel_launch(GPU_RANKS, nvl_worker, backend="nccl", device="cuda", timeout=300)
 
 
+SHAPE_SWITCHES = ("EP_OPS_NVL_OVERLAP", "EP_OPS_NVL_EXACT_SPLIT", "EP_OPS_NVL_SLICED")
+
+
 def kernel_shapes_worker(rank, world_size, group_name):
     """The same cases with the separate send and receive kernels (EP_OPS_NVL_OVERLAP=0, what a GPU
     that cannot hold the overlapped kernel's blocks at once runs), then with the overlapped kernel
-    launched whole after exact mode's host read (EP_OPS_NVL_EXACT_SPLIT=0), then split (the
-    default) on the same buffer: every shape keeps the buffer's counters in step for the others."""
+    launched whole after exact mode's host read (EP_OPS_NVL_EXACT_SPLIT=0), then split with the
+    packed layout (EP_OPS_NVL_SLICED=0), then split and sliced (the default) on the same buffer:
+    every shape keeps the buffer's counters in step for the others."""
     buffer = init_nvl_buffer(dist.group.WORLD, NVL_BYTES)
     cases = [for_world(c, world_size) for c in NORMAL_CASES]
-    for overlap, split in (("0", "1"), ("1", "0"), ("1", "1")):
-        os.environ["EP_OPS_NVL_OVERLAP"] = overlap  # both read at every call
-        os.environ["EP_OPS_NVL_EXACT_SPLIT"] = split
+    for shape in (("0", "1", "1"), ("1", "0", "1"), ("1", "1", "0"), ("1", "1", "1")):
+        for name, value in zip(SHAPE_SWITCHES, shape, strict=True):
+            os.environ[name] = value  # read at every call
         normal_worker(rank, world_size, group_name, cases, "cuda")
-    del os.environ["EP_OPS_NVL_EXACT_SPLIT"]
+    for name in SHAPE_SWITCHES:
+        del os.environ[name]
     del buffer
 
 
@@ -75,6 +80,41 @@ def long_streams_worker(rank, world_size, group_name):
 
 def test_long_streams_take_wider_chunks():
     parallel_launch(GPU_RANKS, long_streams_worker, backend="nccl", device="cuda", timeout=300)
+
+
+def uneven_streams_worker(rank, world_size, group_name):
+    """Exact mode's sliced layout (csrc/cuda/nvl_rows.cuh, sliced_row) on a buffer that holds
+    exactly the rows rank 0 receives: every token goes to rank 0, which has 8 tokens while the
+    others have 60 or more, so their streams to rank 0 run past their slices (1/R of the region)
+    into the room rank 0's own slice leaves (its rows to itself skip the buffer). Both layouts
+    (EP_OPS_NVL_SLICED=1, 0), twice each, match the reference, and so does a random case after."""
+    case = for_world(Case(hidden=256, num_topk=3, num_experts=8, routing="skewed"), world_size)
+    inputs = [inputs_of(dataclasses.replace(case, num_tokens=8 if r == 0 else 59), r, world_size)
+              for r in range(world_size)]  # fmt: skip
+    most = max(sum(int(i["is_token_in_rank"][:, d].sum()) for i in inputs) for d in range(world_size))
+    assert most == 8 + sum(59 + r for r in range(1, world_size)), "every token should reach rank 0"
+    buffer = init_nvl_buffer(dist.group.WORLD, nvl_bytes_needed(most, 2 * case.hidden, case.num_topk))
+    expected = reference_dispatch(
+        [i["x"] for i in inputs], None, [i["topk_idx"] for i in inputs],
+        [i["topk_weights"] for i in inputs], [i["is_token_in_rank"] for i in inputs],
+        case.num_experts, 1, 0,
+    )[rank]  # fmt: skip
+    me = {k: v.cuda() for k, v in inputs[rank].items() if v is not None}
+    for sliced in ("1", "1", "0", "0"):
+        os.environ["EP_OPS_NVL_SLICED"] = sliced
+        out = torch.ops.ep_ops.dispatch(
+            me["x"], None, me["topk_idx"], me["topk_weights"], me["is_token_in_rank"],
+            case.num_experts, 1, 0, group_name,
+        )  # fmt: skip
+        assert_same(out, expected, f"rank {rank}: uneven streams, EP_OPS_NVL_SLICED={sliced}")
+    del os.environ["EP_OPS_NVL_SLICED"]
+    small = for_world(Case(hidden=256, num_topk=3, num_experts=8, num_tokens=4), world_size)
+    normal_worker(rank, world_size, group_name, [small], "cuda")
+    del buffer
+
+
+def test_exact_mode_uneven_streams_fill_other_slices():
+    parallel_launch(GPU_RANKS, uneven_streams_worker, backend="nccl", device="cuda", timeout=300)
 
 
 COMBINE_KNOBS = ("EP_OPS_NVL_COMBINE_SEND_BLOCKS", "EP_OPS_NVL_COMBINE_RECV_BLOCKS")
