@@ -126,22 +126,6 @@ static __device__ __noinline__ uint8_t* row_past_slice(Control* mine, uint32_t* 
   return region + sliced_row(prefix, R, me, d, pos, slice_rows) * row_bytes;
 }
 
-// token_dest for the sliced layout (`s.first_row`: our slice's first row).
-__device__ __forceinline__ TokenDest sliced_token_dest(const PeerView& v, const DispatchSendArgs& a,
-                                                       const ChunkPlan& p, const SendLane& s, int t, int lane) {
-  const int R = v.num_ranks;
-  if (lane >= R || t >= a.num_tokens) return {nullptr, 0};
-  const int64_t at = static_cast<int64_t>(t) * R + lane;
-  const bool in = a.in_rank[at];
-  const int32_t pos = a.positions[at];  // loaded with in_rank; only meaningful when in
-  if (!in || lane == v.rank) return {nullptr, pos};  // our rows to ourselves skip the buffer
-  if (pos < p.slice_rows) return {s.region + (s.first_row + pos) * a.row.bytes(), pos};
-  return {row_past_slice(v.control(v.rank), v.watchdog.tripped, v.watchdog.record, v.watchdog.timeout_ns,
-                         p.prefix_request, a.prefix, p.totals, v.rank, R, lane, pos, p.slice_rows,
-                         p.capacity_rows, s.region, a.row.bytes()),
-          pos};
-}
-
 // Our tokens for destination `d` (the sliced send, before the prefix matrix): the last token's
 // position there plus whether it goes there.
 __device__ __forceinline__ int64_t own_rows_to(const DispatchSendArgs& a, int R, int d) {
@@ -212,9 +196,15 @@ __device__ __forceinline__ bool send_role(const PeerView& v, const DispatchSendA
   const int64_t chunk = lane >= R   ? 1
                         : p.sliced ? stream_chunk_rows(own_rows_to(a, R, lane), kWarps, kMaxDispatchChunks)
                                    : dispatch_chunk_rows(a.prefix, R, v.rank, lane);
+  // Sliced, our stream's rows past our slice go where the prefix matrix says (row_past_slice).
+  const int64_t end_row = p.sliced ? lane_dest.first_row + p.slice_rows : p.capacity_rows;
   const auto dest_of = [&](int token) {
-    return p.sliced ? sliced_token_dest(v, a, p, lane_dest, token, lane)
-                    : token_dest(v, a, lane_dest, token, p.capacity_rows, p.self_direct, lane);
+    return token_dest(v, a, lane_dest, token, end_row, p.self_direct, lane, [&](int32_t pos) -> uint8_t* {
+      if (!p.sliced) return nullptr;
+      return row_past_slice(v.control(v.rank), v.watchdog.tripped, v.watchdog.record, v.watchdog.timeout_ns,
+                            p.prefix_request, a.prefix, p.totals, v.rank, R, lane, pos, p.slice_rows,
+                            p.capacity_rows, lane_dest.region, a.row.bytes());
+    });
   };
   int t = block * kWarps + threadIdx.x / 32;
   TokenDest next = dest_of(t);

@@ -72,18 +72,27 @@ __device__ __forceinline__ SendLane send_lane(const PeerView& v, const DispatchS
   return {peer_base(v, lane) + kControlBytes, rows_before(a.prefix, v.num_ranks, v.rank, lane)};
 }
 
+// Rows past `end_row` are not sent (token_dest's default).
+struct NoRowPastEnd {
+  __device__ uint8_t* operator()(int32_t) const { return nullptr; }
+};
+
 // Token t's destinations, one lane each, with its in_rank byte and position loaded together.
-// skip_self: our row to ourselves does not go through the buffer.
+// skip_self: our row to ourselves does not go through the buffer. A row whose index in the region
+// reaches `end_row` (the region's end, which the host's checks rule out; the end of a sliced
+// stream's slice) goes where past_end(pos) says.
+template <typename PastEnd = NoRowPastEnd>
 __device__ __forceinline__ TokenDest token_dest(const PeerView& v, const DispatchSendArgs& a, const SendLane& s,
-                                                int t, int64_t capacity_rows, bool skip_self, int lane) {
+                                                int t, int64_t end_row, bool skip_self, int lane,
+                                                PastEnd&& past_end = {}) {
   const int R = v.num_ranks;
   if (lane >= R || t >= a.num_tokens) return {nullptr, 0};
   const int64_t at = static_cast<int64_t>(t) * R + lane;
   const bool in = a.in_rank[at];
   const int32_t pos = a.positions[at];  // loaded with in_rank; only meaningful when in
+  if (!in || (skip_self && lane == v.rank)) return {nullptr, pos};
   const int64_t index = s.first_row + pos;
-  const bool go = in && !(skip_self && lane == v.rank) && index < capacity_rows;
-  return {go ? s.region + index * a.row.bytes() : nullptr, pos};
+  return {index < end_row ? s.region + index * a.row.bytes() : past_end(pos), pos};
 }
 
 // The warp writes token t's row to every destination whose bit is set in `dests` (lane d's
