@@ -378,6 +378,21 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
     C10_CUDA_CHECK(cudaEventRecord(sync->inputs, stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(sync->side, sync->inputs, 0));
   }
+  DispatchSendArgs send{static_cast<const uint8_t*>(x.data_ptr()), bytes_of(s), bytes_of(idx), bytes_of(w),
+                in_rank.data_ptr<bool>(), positions.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
+                static_cast<int>(num_tokens), row, 4LL * num_scales, 8LL * num_topk,
+                has_weights ? 4LL * num_topk : 0};
+
+  // The split's send part goes first: its blocks wait on the device for notify anyway, so its
+  // launch (~8 us after notify's start when it came second: session 21, BENCHMARKS.md) leaves
+  // the path. `join` puts the side stream back into ours on every exit from here on.
+  if (split) {
+    DispatchRecvArgs rows_to_self{};  // all the send part reads of the receive's arguments
+    rows_to_self.own_tokens = own_tokens.data_ptr<int32_t>();
+    launch_dispatch_overlap(overlap, v, send, rows_to_self, capacity_rows, sync->side, OverlapPart::kSend,
+                            totals.data_ptr<int32_t>(), host_totals.request, /*opens_epoch=*/false, sliced);
+  }
+  const SideStreamJoin join(split ? sync : nullptr, stream);
   if (!opens_epoch) {
     notify_kernel<<<1, kScanThreads, 0, stream>>>(
         v, in_rank.data_ptr<bool>(), static_cast<int>(num_tokens),
@@ -389,19 +404,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  DispatchSendArgs send{static_cast<const uint8_t*>(x.data_ptr()), bytes_of(s), bytes_of(idx), bytes_of(w),
-                in_rank.data_ptr<bool>(), positions.data_ptr<int32_t>(), prefix.data_ptr<int32_t>(),
-                static_cast<int>(num_tokens), row, 4LL * num_scales, 8LL * num_topk,
-                has_weights ? 4LL * num_topk : 0};
-
   if (exact) C10_CUDA_CHECK(cudaEventRecord(sync->notified, stream));
-  if (split) {
-    DispatchRecvArgs rows_to_self{};  // all the send part reads of the receive's arguments
-    rows_to_self.own_tokens = own_tokens.data_ptr<int32_t>();
-    launch_dispatch_overlap(overlap, v, send, rows_to_self, capacity_rows, sync->side, OverlapPart::kSend,
-                            totals.data_ptr<int32_t>(), host_totals.request, /*opens_epoch=*/false, sliced);
-  }
-  const SideStreamJoin join(split ? sync : nullptr, stream);
   // Sized without the totals: zeroed before the host's wait, off the path to the receive's launch.
   auto expert_counts = at::zeros({idx.has_value() ? per_rank : 0}, int_options);
 
