@@ -59,6 +59,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "nvl_buffer.h"
 #include "nvl_dispatch.h"
@@ -292,6 +293,21 @@ __global__ void __launch_bounds__(kThreads, 1) recv_kernel(PeerView v, DispatchR
   if (a.post_freed) dispatch_recv_block_done(v, cur);
 }
 
+// Under CUDA's lazy loading (the default since CUDA 12.2) a kernel is loaded at its first launch,
+// and loading may wait for the kernels already running on the device. The split's send part goes
+// first and spins until notify runs, so notify's first launch behind it would wait forever (2 x
+// H200, session 22: the bench hung on its first exact dispatch). The kernels the host launches
+// while the send part may spin are loaded before its first launch, once per device; the
+// overlapped kernel itself is loaded by dispatch_overlap_config's occupancy query.
+void load_split_kernels(int device) {
+  static std::atomic<bool> loaded[64];
+  if (loaded[device].load(std::memory_order_acquire)) return;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, notify_kernel));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, abort_kernel));
+  loaded[device].store(true, std::memory_order_release);
+}
+
 const uint8_t* bytes_of(const std::optional<at::Tensor>& t) {
   return t.has_value() ? static_cast<const uint8_t*>(t->data_ptr()) : nullptr;
 }
@@ -375,6 +391,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   const bool sliced = split && env_switch_on("EP_OPS_NVL_SLICED");
   ExactSplitSync* sync = exact ? &exact_split_sync(x.get_device()) : nullptr;
   if (split) {  // what the send reads was written on our stream before this point
+    load_split_kernels(x.get_device());
     C10_CUDA_CHECK(cudaEventRecord(sync->inputs, stream));
     C10_CUDA_CHECK(cudaStreamWaitEvent(sync->side, sync->inputs, 0));
   }
