@@ -347,7 +347,8 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   const DispatchOverlapConfig overlap = dispatch_overlap_config();
   const int64_t given_rows = given_src.has_value() ? given_src->size(0) : -1;
   const bool exact = given_rows < 0 && num_worst_tokens == 0;
-  TORCH_CHECK(!exact || c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  TORCH_CHECK(!exact || !capturing,
               "ep_ops.dispatch: exact mode (num_worst_tokens=0) reads its row count on the host, "
               "which a CUDA graph capture cannot do; capture with num_worst_tokens > 0");
 
@@ -373,23 +374,30 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   // needs the token of each of those rows. Not with routing_only: dispatch_permuted's copy reads
   // every row from the buffer.
   const bool self_direct = overlap.enabled && !routing_only;
-  // A cached dispatch's one launch runs without notify: the handle has the prefix matrix and, in
-  // its recv_src_idx, the token of each of our rows to ourselves; the launch opens its own epoch
-  // and each send block writes its tokens' positions (nvl_dispatch_overlap.cu).
-  const bool opens_epoch = given_src.has_value() && self_direct;
+  // The split (below) for exact mode, and for a cached dispatch outside a capture: its notify
+  // takes the handle's prefix matrix and exchanges nothing, and its receive part follows at once.
+  // Its send part waits for notify's stamp of a request number, which a replayed graph would not
+  // renew: a captured cached dispatch runs as one launch without notify instead (the handle has
+  // the prefix matrix and, in its recv_src_idx, the token of each of our rows to ourselves; the
+  // launch opens its own epoch and each send block writes its tokens' positions:
+  // nvl_dispatch_overlap.cu).
+  const bool cached = given_src.has_value();
+  const bool split = (exact || (cached && !capturing)) && overlap.enabled && self_direct &&
+                     env_switch_on("EP_OPS_NVL_EXACT_SPLIT");
+  const bool opens_epoch = cached && self_direct && !split;
   auto own_tokens = opens_epoch ? given_src->contiguous()
                                 : at::empty({self_direct ? num_tokens : 0}, int_options);
   auto w = has_weights ? std::optional<at::Tensor>(topk_weights->contiguous()) : std::nullopt;
   auto s = x_scales.has_value() ? std::optional<at::Tensor>(x_scales->contiguous()) : std::nullopt;
-  const TotalsRequest host_totals = exact ? next_totals_request(v) : TotalsRequest{nullptr, 0};
-  // Exact mode's split: the send part starts on the side stream beside notify and waits on the
-  // device for notify's prefix (release_prefix), while the host reads the totals
+  // Exact mode reads the totals on the host; the split's send part waits for the request number.
+  const TotalsRequest host_totals = exact || split ? next_totals_request(v) : TotalsRequest{nullptr, 0};
+  // The split: the send part starts on the side stream beside notify and waits on the device for
+  // notify's release (release_prefix), while the host reads the totals in exact mode
   // (nvl_exact_totals.h); `join` puts the side stream back into ours on every exit.
-  const bool split = exact && overlap.enabled && self_direct && env_switch_on("EP_OPS_NVL_EXACT_SPLIT");
   // The split's send places rows in fixed slices of the receivers' regions, so it starts once
   // notify has seen the freed flags, without the prefix matrix (nvl_dispatch_overlap.cu).
   const bool sliced = split && env_switch_on("EP_OPS_NVL_SLICED");
-  ExactSplitSync* sync = exact ? &exact_split_sync(x.get_device()) : nullptr;
+  ExactSplitSync* sync = exact || split ? &exact_split_sync(x.get_device()) : nullptr;
   if (split) {  // what the send reads was written on our stream before this point
     load_split_kernels(x.get_device());
     C10_CUDA_CHECK(cudaEventRecord(sync->inputs, stream));
@@ -417,7 +425,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
         given_prefix.has_value() ? nullptr : prefix.data_ptr<int32_t>(), totals.data_ptr<int32_t>(),
         positions.data_ptr<int32_t>(), self_direct ? own_tokens.data_ptr<int32_t>() : nullptr, notify_counts,
         notify_counts ? idx->data_ptr<int64_t>() : nullptr, num_topk, static_cast<int>(per_rank),
-        host_totals.device, host_totals.request, /*release_prefix=*/split);
+        exact ? host_totals.device : nullptr, host_totals.request, /*release_prefix=*/split);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
