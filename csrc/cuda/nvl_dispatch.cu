@@ -9,12 +9,13 @@
 //   recv:   copy the rows out into the output tensors, then tell the sources their rows are
 //           consumed.
 // Epochs and counters live in the buffer, so a captured graph replays correctly.
-// A cached dispatch with the overlapped kernel runs no notify: the handle has the prefix matrix
-// and the tokens of our rows to ourselves, and the one launch opens its epoch itself
-// (nvl_dispatch_overlap.cu).
 // Exact mode (no num_worst_tokens, no handle) reads notify's totals on the host to size its
 // outputs: through the buffer's mapped host area, with the overlapped kernel's send blocks
 // already running on a side stream (nvl_exact_totals.h says how and why).
+// A cached dispatch (a handle) runs the same split outside a capture, its notify taking the
+// handle's prefix matrix (no exchange) and its receive part launched at once, with no host read.
+// Captured, it runs no notify: the handle has the prefix matrix and the tokens of our rows to
+// ourselves, and the one launch opens its epoch itself (nvl_dispatch_overlap.cu).
 //
 // Two shapes of send + recv, with the same outputs bit for bit (nvl_dispatch_rows.cuh has the
 // per-row code both use):

@@ -39,14 +39,17 @@
 // nvl_rows.cuh), each after waiting for the prefix matrix, or not at all when the totals are
 // past the region: those rows' stream may have flagged rows already, so the host's abort resets
 // the chunk counters once every source's send is in (abort_kernel, nvl_dispatch.cu).
-// A cached dispatch's one launch (opens_epoch) runs without notify before it: the handle
+// A captured cached dispatch's one launch (opens_epoch) runs without notify before it: the handle
 // has the prefix matrix and our own rows' tokens. The launch opens its own epoch: every block
 // reads Control::dispatch_epoch at its start and works for the next one; each send block writes
 // its own tokens' positions (notify's scan, the block's tokens kept) and waits for every
 // receiver's freed flag of the previous epoch before its first row; the last block out (a ticket
 // count over all S + Q blocks, so every block has read the old epoch) writes the new one.
 // Notify's launch, scan over all tokens and freed wait cost ~9 us before the send (2 x H200,
-// session 18, BENCHMARKS.md).
+// session 18, BENCHMARKS.md). Outside a capture a cached dispatch now takes exact mode's split
+// instead, where notify runs beside the send part, whose launch goes first (nvl_dispatch.cu;
+// session 22: 0.7-4.8 us faster than exact mode in most quiet runs, where the one launch was 2-5
+// slower).
 //
 // Co-residency: receive blocks spin on our own send blocks (the stream to ourselves), so every
 // block must be resident at once: S + Q must not exceed the blocks the device holds (checked
@@ -412,7 +415,7 @@ void launch_dispatch_overlap(const DispatchOverlapConfig& config, const PeerView
   TORCH_CHECK(!opens_epoch || part == OverlapPart::kAll, "ep_ops: only a whole dispatch launch opens its epoch");
   // The split runs with our rows to ourselves skipping the buffer, which the sliced layout
   // assumes (sliced_row); own_tokens cannot tell here: on a rank with no tokens it has no data.
-  TORCH_CHECK(!sliced || part != OverlapPart::kAll, "ep_ops: only exact mode's split uses the sliced layout");
+  TORCH_CHECK(!sliced || part != OverlapPart::kAll, "ep_ops: only the split uses the sliced layout");
   const ChunkPlan plan{S, Q, part == OverlapPart::kReceive ? S : 0, capacity_rows,
                        /*self_direct=*/recv.own_tokens != nullptr, part == OverlapPart::kSend ? totals : nullptr,
                        part == OverlapPart::kSend ? prefix_request : 0, opens_epoch, sliced,

@@ -24,8 +24,12 @@
 //     and positions (Control::dispatch_send_ready), before it posts or waits for any count, so
 //     the exchange with the peers (and Buffer.dispatch's per-expert histogram) runs beside the
 //     send too (nvl_dispatch_overlap.cu).
+// The send part's launch goes before notify's (its blocks wait for notify on the device anyway),
+// so notify's kernels are loaded before its first launch (load_split_kernels, nvl_dispatch.cu).
+// A cached dispatch outside a capture runs the same split without the host read: notify takes
+// the handle's prefix matrix and the receive part follows at once (session 22, BENCHMARKS.md).
 // EP_OPS_NVL_EXACT_SPLIT=0 (read at every call; set it alike on every rank) launches the whole
-// overlapped kernel after the host's read instead, for A/B; EP_OPS_NVL_SLICED=0 keeps the split
+// overlapped kernel after the host's read instead (a cached dispatch: its one launch), for A/B; EP_OPS_NVL_SLICED=0 keeps the split
 // with the packed layout, whose send waits for the prefix matrix.
 #pragma once
 

@@ -48,7 +48,8 @@ SHAPE_SWITCHES = ("EP_OPS_NVL_OVERLAP", "EP_OPS_NVL_EXACT_SPLIT", "EP_OPS_NVL_SL
 def kernel_shapes_worker(rank, world_size, group_name):
     """The same cases with the separate send and receive kernels (EP_OPS_NVL_OVERLAP=0, what a GPU
     that cannot hold the overlapped kernel's blocks at once runs), then with the overlapped kernel
-    launched whole after exact mode's host read (EP_OPS_NVL_EXACT_SPLIT=0), then split with the
+    launched whole after exact mode's host read (EP_OPS_NVL_EXACT_SPLIT=0; the dispatch with a
+    handle then runs its one launch without notify, as under a capture), then split with the
     packed layout (EP_OPS_NVL_SLICED=0), then split and sliced (the default) on the same buffer:
     every shape keeps the buffer's counters in step for the others."""
     buffer = init_nvl_buffer(dist.group.WORLD, NVL_BYTES)
