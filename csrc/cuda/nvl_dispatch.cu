@@ -377,8 +377,8 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   const bool self_direct = overlap.enabled && !routing_only;
   // The split (below) for exact mode, and for a cached dispatch outside a capture: its notify
   // takes the handle's prefix matrix and exchanges nothing, and its receive part follows at once.
-  // Its send part waits for notify's stamp of a request number, which a replayed graph would not
-  // renew: a captured cached dispatch runs as one launch without notify instead (the handle has
+  // Its send part waits until notify sets a control word to the call's request number, which a
+  // replayed graph would not renew: a captured cached dispatch runs as one launch without notify instead (the handle has
   // the prefix matrix and, in its recv_src_idx, the token of each of our rows to ourselves; the
   // launch opens its own epoch and each send block writes its tokens' positions:
   // nvl_dispatch_overlap.cu).
@@ -394,7 +394,7 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   const TotalsRequest host_totals = exact || split ? next_totals_request(v) : TotalsRequest{nullptr, 0};
   // The split: the send part starts on the side stream beside notify and waits on the device for
   // notify's release (release_prefix), while the host reads the totals in exact mode
-  // (nvl_exact_totals.h); `join` puts the side stream back into ours on every exit.
+  // (nvl_exact_totals.h).
   // The split's send places rows in fixed slices of the receivers' regions, so it starts once
   // notify has seen the freed flags, without the prefix matrix (nvl_dispatch_overlap.cu).
   const bool sliced = split && env_switch_on("EP_OPS_NVL_SLICED");
@@ -410,8 +410,9 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
                 has_weights ? 4LL * num_topk : 0};
 
   // The split's send part goes first: its blocks wait on the device for notify anyway, so its
-  // launch (~8 us after notify's start when it came second: session 21, BENCHMARKS.md) leaves
-  // the path. `join` puts the side stream back into ours on every exit from here on.
+  // launch (~8 us after notify's start when it came second: session 21) leaves the path; exact
+  // mode measured level either way (session 22, BENCHMARKS.md). `join` puts the side stream back
+  // into ours on every exit from here on.
   if (split) {
     DispatchRecvArgs rows_to_self{};  // all the send part reads of the receive's arguments
     rows_to_self.own_tokens = own_tokens.data_ptr<int32_t>();
