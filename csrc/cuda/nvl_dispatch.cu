@@ -378,10 +378,10 @@ NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x_in,
   // The split (below) for exact mode, and for a cached dispatch outside a capture: its notify
   // takes the handle's prefix matrix and exchanges nothing, and its receive part follows at once.
   // Its send part waits until notify sets a control word to the call's request number, which a
-  // replayed graph would not renew: a captured cached dispatch runs as one launch without notify instead (the handle has
-  // the prefix matrix and, in its recv_src_idx, the token of each of our rows to ourselves; the
-  // launch opens its own epoch and each send block writes its tokens' positions:
-  // nvl_dispatch_overlap.cu).
+  // replayed graph would not renew: a captured cached dispatch runs as one launch without notify
+  // instead (the handle has the prefix matrix and, in its recv_src_idx, the token of each of our
+  // rows to ourselves; the launch opens its own epoch and each send block writes its tokens'
+  // positions: nvl_dispatch_overlap.cu).
   const bool cached = given_src.has_value();
   const bool split = (exact || (cached && !capturing)) && overlap.enabled && self_direct &&
                      env_switch_on("EP_OPS_NVL_EXACT_SPLIT");

@@ -24,9 +24,10 @@ DispatchOverlapConfig dispatch_overlap_config();
 
 // Which blocks of the overlapped kernel a launch runs: all of them, or (the split of exact mode
 // and of a cached dispatch outside a capture, nvl_exact_totals.h) the send blocks at once on a
-// side stream and the receive blocks later on the caller's, once the outputs exist. The receive blocks wait only for chunk counters that send blocks fill
-// (and with self_direct, not for our own send blocks at all), so the parts need not be resident
-// together; only the split uses kSend and kReceive, and it runs with self_direct.
+// side stream and the receive blocks later on the caller's, once the outputs exist. The receive
+// blocks wait only for chunk counters that send blocks fill (and with self_direct, not for our
+// own send blocks at all), so the parts need not be resident together; only the split uses kSend
+// and kReceive, and it runs with self_direct.
 enum class OverlapPart { kAll, kSend, kReceive };
 
 // Launches the overlapped send + receive (or `part` of it) on `stream`. capacity_rows: rows of

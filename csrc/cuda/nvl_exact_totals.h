@@ -29,8 +29,9 @@
 // A cached dispatch outside a capture runs the same split without the host read: notify takes
 // the handle's prefix matrix and the receive part follows at once (session 22, BENCHMARKS.md).
 // EP_OPS_NVL_EXACT_SPLIT=0 (read at every call; set it alike on every rank) launches the whole
-// overlapped kernel after the host's read instead (a cached dispatch: its one launch), for A/B; EP_OPS_NVL_SLICED=0 keeps the split
-// with the packed layout, whose send waits for the prefix matrix.
+// overlapped kernel after the host's read instead (a cached dispatch: its one launch), for A/B;
+// EP_OPS_NVL_SLICED=0 keeps the split with the packed layout, whose send waits for the prefix
+// matrix.
 #pragma once
 
 #include <cuda_runtime.h>
