@@ -28,11 +28,12 @@ bool nvl_dispatch_supported(const at::Tensor& x, const std::optional<at::Tensor>
                             const PeerView& v);
 
 // Dispatch (given_prefix and given_src empty) or cached dispatch (the handle's prefix matrix and
-// recv_src_idx, whose length is the row count). Inputs are checked by the caller. routing_only (dispatch_permuted): no
-// recv_x / recv_x_scales; the rows stay in the buffer, which stays held until the caller's
-// permuted copy posts the freed flags (nvl_dispatch_permuted). host_counts (exact mode with
-// top-k, at most kMaxNotifyExperts experts per rank): notify also counts the received tokens per
-// local expert, into host_expert_counts (dispatch_counts.h says why).
+// recv_src_idx, whose length is the row count). Inputs are checked by the caller.
+// routing_only (dispatch_permuted): no recv_x / recv_x_scales; the rows stay in the buffer,
+// which stays held until the caller's permuted copy posts the freed flags
+// (nvl_dispatch_permuted). host_counts (exact mode with top-k, at most kMaxNotifyExperts experts
+// per rank): notify also counts the received tokens per local expert, into host_expert_counts
+// (dispatch_counts.h says why).
 NvlDispatchResult nvl_dispatch(const PeerView& v, const at::Tensor& x,
                                const std::optional<at::Tensor>& x_scales,
                                const std::optional<at::Tensor>& topk_idx,

@@ -371,7 +371,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_overlap_kernel(PeerView 
   __shared__ int64_t taken[2];
   if (watchdog_tripped(v.watchdog)) return;  // notify gave up: the prefix matrix is not valid
   const int block = plan.first_block + static_cast<int>(blockIdx.x);
-  // This dispatch's epoch: notify's, or the next one when the launch opens it.
+  // This dispatch's epoch: notify's, or the next one when the launch opens it. The split's send
+  // part, launched before notify, may read the previous one here: only a launch that opens its
+  // epoch sends with it; the receive part, behind notify on its stream, reads notify's.
   const uint64_t epoch = v.control(v.rank)->dispatch_epoch + (plan.opens_epoch ? 1 : 0);
   const bool done = block < plan.send_blocks
                         ? send_role(v, send, plan, block, epoch)
