@@ -30,15 +30,16 @@
 //     per kernel boundary under graphs, and each phase's wait starts while the flags are in flight
 //     instead of after a kernel boundary: estimate -3 to -5 us. The recv phase computes its first
 //     token's ranks before it waits, so that work hides behind the wait.
-//   - Epochs come from per-block start tickets (take_start_ticket), so no block waits for another
-//     one of its own launch except through the counters.
+//   - Each block reads its epochs from the counters as it starts and adds its shares without
+//     waiting (begin_launch), so no block waits for another one of its own launch except through
+//     the counters.
 // Estimate (not measured): ~10-12 us of fixed cost left (a launch, three NVLink flag round trips,
 // the per-token slot scans), so ~20 us per call at 128 tokens and ~12 us at 1 token.
 // What it costs: a launch with more than one phase must be co-resident (partials blocks wait for
 // this launch's weights blocks on this rank, recv blocks for its partials blocks), so it runs at
 // most one block per SM (ll_num_sms). The partials phase then has one 512-thread block per SM
 // instead of up to two (fewer loads in flight at large batches). Each block posts its own shares
-// (R reds per block and counter instead of R per kernel), and takes up to four start tickets.
+// (R reds per block and counter instead of R per kernel), and reads up to four epochs.
 // EP_OPS_LL_COMBINE_SPLIT=1 runs every phase as its own launch (weights, partials, recv: the op in
 // three launches, the send half in two), with no co-residency needed: the fallback, and the A/B
 // for the fusion. Every counter is per (phase, slab), so a rank may run either way.
@@ -83,15 +84,14 @@ struct CombineArgs {
 };
 
 // The weights phase. false: a wait gave up (the watchdog tripped): stop without touching data.
-// `ticket`: this block's start ticket on our weights send counter (taken after drain_if_moved).
-__device__ __forceinline__ bool send_weights(const CombineArgs& a, uint64_t ticket) {
+// `start`: what the block read as it started (begin_launch); epoch[0] is on our weights send
+// counter.
+__device__ __forceinline__ bool send_weights(const CombineArgs& a, const LaunchStart& start) {
   const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
-  if (!wait_freed(a.v, kLLWeights, a.weights_slab, units_before(ticket),
-                  kWaitLowLatencyWeightsFreed)) {
+  if (!wait_freed_since_start(a.v, start, kLLWeights, a.weights_slab, units_before(start.epoch[0]),
+                              kWaitLowLatencyWeightsFreed)) {
     return false;
   }
-  // The last block to start records the key: every block has read the old one before its ticket.
-  if (threadIdx.x == 0 && completes_unit(ticket)) ll_control(a.v.base[me])->layout_key = a.layout_key;
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
     if (threadIdx.x >= K) continue;  // the rest of the block only posts the arrivals below
     const float w = a.topk_weights[static_cast<int64_t>(t) * K + threadIdx.x];
@@ -187,7 +187,7 @@ __device__ __forceinline__ void partial_row(const CombineArgs& a, int j, const i
   }
 }
 
-// The partials phase. `read_ticket`: this block's start ticket on our weights read counter;
+// The partials phase. `read_ticket`: this block's epoch on our weights read counter;
 // `send_ticket`: on our partials send counter. false: a wait gave up.
 template <bool kLogfmt>
 __device__ __forceinline__ bool send_partials(const CombineArgs& a, uint64_t read_ticket,
@@ -254,7 +254,7 @@ __device__ __forceinline__ void store_bf16_vector(const CombineArgs& a, int t, i
   reinterpret_cast<int4*>(a.out + static_cast<int64_t>(t) * a.hidden)[i] = out;
 }
 
-// The recv phase. `ticket`: this block's start ticket on our partials read counter.
+// The recv phase. `ticket`: this block's epoch on our partials read counter.
 template <bool kLogfmt>
 __device__ __forceinline__ void recv_sums(const CombineArgs& a, uint64_t ticket) {
   const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
@@ -312,18 +312,18 @@ __device__ __forceinline__ void recv_sums(const CombineArgs& a, uint64_t ticket)
 // for the earlier phase of every block of the launch on this rank: the grid must be co-resident.
 template <bool kWeights, bool kPartials, bool kRecv, bool kLogfmt>
 __device__ __forceinline__ void combine(const CombineArgs& a) {
-  __shared__ uint64_t tickets[4];
+  __shared__ LaunchStart start;
   LowLatencyControl* mine = ll_control(a.v.base[a.v.rank]);
-  // The drain reads our send counters and the layout key before this block's tickets.
-  if (kWeights && !drain_if_moved(a.v, a.layout_key)) return;
-  if (kWeights && threadIdx.x == 0) tickets[0] = take_start_ticket(&mine->sends[kLLWeights][a.weights_slab]);
-  if (kPartials && threadIdx.x == 32) tickets[1] = take_start_ticket(&mine->recvs[kLLWeights][a.weights_slab]);
-  if (kPartials && threadIdx.x == 64) tickets[2] = take_start_ticket(&mine->sends[kLLPartials][a.partials_slab]);
-  if (kRecv && threadIdx.x == 96) tickets[3] = take_start_ticket(&mine->recvs[kLLPartials][a.partials_slab]);
-  __syncthreads();
-  if (kWeights && !send_weights(a, tickets[0])) return;
-  if (kPartials && !send_partials<kLogfmt>(a, tickets[1], tickets[2])) return;
-  if (kRecv) recv_sums<kLogfmt>(a, tickets[3]);
+  const StartCounters counters{{kWeights ? &mine->sends[kLLWeights][a.weights_slab] : nullptr,
+                                kPartials ? &mine->recvs[kLLWeights][a.weights_slab] : nullptr,
+                                kPartials ? &mine->sends[kLLPartials][a.partials_slab] : nullptr,
+                                kRecv ? &mine->recvs[kLLPartials][a.partials_slab] : nullptr},
+                               kWeights ? mine->freed[kLLWeights][a.weights_slab] : nullptr,
+                               a.layout_key};
+  if (!begin_launch(a.v, counters, start)) return;
+  if (kWeights && !send_weights(a, start)) return;
+  if (kPartials && !send_partials<kLogfmt>(a, start.epoch[1], start.epoch[2])) return;
+  if (kRecv) recv_sums<kLogfmt>(a, start.epoch[3]);
 }
 
 // More than one phase: one block per SM at most (co-resident), so ptxas may use up to 128

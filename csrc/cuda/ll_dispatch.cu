@@ -4,19 +4,18 @@
 //
 //   send: each block takes tokens (t = block, block + grid, ...) and writes each token's wire row
 //         (cast to FP8 on the fly if asked) once into every destination *rank*'s dispatch slab, at
-//         (our rank, t); at a rank the token does not go to it writes only a -1 source there.
-//         The slot is the token's own index, so no block scans the tokens before its own (a
-//         dependent load and two barriers: ~2.5 us of the probe's 6.8 us send, session 10).
-//         Then the block alone adds its share to our arrival counter at every destination
-//         (red.release.sys); block 0 also posts, before its add, our token count
-//         (dispatch_rows). It never waits for data, only (rarely) for a receiver to have read the
-//         slab's previous contents.
+//         (our rank, t); at a rank the token does not go to it writes only a -1 source there,
+//         and the blocks write a -1 source into every slot past our token count too, so that a
+//         receiver needs no count. The slot is the token's own index, so no block scans the
+//         tokens before its own (a dependent load and two barriers: ~2.5 us of the probe's 6.8 us
+//         send, session 10). Then the block alone adds its share to our arrival counter at every
+//         destination (red.release.sys). It never waits for data, only (rarely) for a receiver
+//         to have read the slab's previous contents.
 //   recv: each block waits until every source's arrivals reach a whole unit (all its send blocks
-//         are in, whatever their number), reads the per-source token counts, and for each of its
-//         local experts (e = block, block + grid, ...) finds the valid slab rows (below the count,
-//         source not -1) that name the
-//         expert (in slab order: source rank, then token, so the layout is fixed by the data, not
-//         by atomics) and copies them into the static [E_local, R*M, H] output. Then it adds its
+//         are in, whatever their number), and for each of its local experts (e = block,
+//         block + grid, ...) finds the slab rows whose source is not -1 that name the expert (in
+//         slab order: source rank, then token, so the layout is fixed by the data, not by
+//         atomics) and copies them into the static [E_local, R*M, H] output. Then it adds its
 //         share to every source's freed counter.
 //
 // Why this costs less than the two kernels it replaces (send + recv, ~27 us FP8 under CUDA
@@ -33,13 +32,14 @@
 //   - One launch instead of two for the op (~1-3 us of launch and drain under graphs), and each
 //     block's receive wait starts while the flags are in flight instead of after a kernel
 //     boundary.
-//   - The epochs come from per-block start tickets (take_start_ticket: one atomic per block, in
-//     place of the plain load of the counter it replaces), so no block ever waits for another
-//     one of its own launch except through the peers' counters.
+//   - Each block reads its epoch from the counters as it starts and adds its share without
+//     waiting (begin_launch), so no block ever waits for another one of its own launch except
+//     through the peers' counters.
 // What it costs: the op's grid must be co-resident (its receive blocks wait for the send blocks of
 // the same launch on this rank), so the op launches at most one block per SM (every GPU fits one
 // 512-thread block per SM); the halves have no such limit. Each receive block posts its own freed
-// share (R reds per block instead of R per call), and the control area holds the token counts.
+// share (R reds per block instead of R per call), and a send writes a -1 source into each of its
+// M - T unused slots at every rank.
 // EP_OPS_LL_DISPATCH_SPLIT=1 runs the op as its two halves (two launches of the same kernel), for
 // A/B timings of the fusion alone.
 //
@@ -210,16 +210,14 @@ __device__ __forceinline__ void send_bf16_row(const DispatchArgs& a, int64_t t, 
 }
 
 // The send phase. false: a wait gave up (the watchdog tripped): stop without touching data.
-// `ticket`: this block's start ticket on our send counter of the slab (taken after
-// drain_if_moved, which every block runs first).
-__device__ __forceinline__ bool send_rows(const DispatchArgs& a, uint64_t ticket) {
+// `start`: what the block read as it started (begin_launch); epoch[0] is on our send counter of
+// the slab.
+__device__ __forceinline__ bool send_rows(const DispatchArgs& a, const LaunchStart& start) {
   const int me = a.v.rank, R = a.v.num_ranks, K = a.num_topk;
-  LowLatencyControl* mine = ll_control(a.v.base[me]);
-  if (!wait_freed(a.v, kLLDispatch, a.slab, units_before(ticket), kWaitLowLatencyDispatchFreed)) {
+  if (!wait_freed_since_start(a.v, start, kLLDispatch, a.slab, units_before(start.epoch[0]),
+                              kWaitLowLatencyDispatchFreed)) {
     return false;
   }
-  // The last block to start records the key: every block has read the old one before its ticket.
-  if (threadIdx.x == 0 && completes_unit(ticket)) mine->layout_key = a.layout_key;
 
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
     Fp8Round first;  // the token's first loads go out before its ids'
@@ -240,14 +238,17 @@ __device__ __forceinline__ bool send_rows(const DispatchArgs& a, uint64_t ticket
       }
     }
   }
+  // The slots past our token count: a -1 source at every destination (the receiver reads every
+  // slot; a count posted beside the arrivals cost it one more dependent load after its wait).
+  const int empty = (a.num_max - a.num_tokens) * R;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < empty; i += gridDim.x * blockDim.x) {
+    *reinterpret_cast<int32_t*>(slab_row(a, i % R, a.num_tokens + i / R) + a.row.src_offset()) = -1;
+  }
 
-  // Our rows are out: this block's share of the arrivals at every destination, after our token
-  // count (block 0 posts it: rows [0, num_tokens) of our block in the slab were all written).
+  // Our rows are out: this block's share of the arrivals at every destination.
   __syncthreads();
   if (threadIdx.x < R) {
-    LowLatencyControl* peer = ll_control(a.v.base[threadIdx.x]);
-    if (blockIdx.x == 0) peer->dispatch_rows[a.slab][me] = a.num_tokens;
-    add_share_release(&peer->arrivals[kLLDispatch][a.slab][me]);
+    add_share_release(&ll_control(a.v.base[threadIdx.x])->arrivals[kLLDispatch][a.slab][me]);
   }
   return true;
 }
@@ -286,32 +287,44 @@ constexpr int kIdsInFlight = 8;  // a row's expert ids loaded together in the re
 // in one round of loads, a BF16 row in two (warp_copy's default of 4 took 4 and 7 rounds).
 constexpr int kExpandUnroll = 14;
 
-// Local expert e's block of the outputs, from the valid rows (`valid[s]`: rows source s sent).
+// Local expert e's block of the outputs, from the slab rows whose source is not -1.
 // Shared scratch: row_of [R*M], warp_sums [kLLWarps], begins [kMaxNvlRanks + 1].
-__device__ __forceinline__ void expand_expert(const DispatchArgs& a, int e, const int* valid,
-                                              int* row_of, int* warp_sums, int* begins) {
+// The thread that finds a row of the expert writes the row's src_info and recv_token_slots entries
+// itself, from the source and ids it loaded for the scan (reading them again for each output cost
+// two more dependent loads before the copy).
+__device__ __forceinline__ void expand_expert(const DispatchArgs& a, int e, int* row_of, int* warp_sums,
+                                              int* begins) {
   const int R = a.v.num_ranks, K = a.num_topk, M = a.num_max, RM = R * M;
   const int64_t expert = a.first_expert + e;
+  const int64_t block = static_cast<int64_t>(e) * RM;
   int total = 0;
   for (int first = 0; first < RM; first += blockDim.x) {
     const int j = first + threadIdx.x;
-    bool hit = false;
-    if (j < RM && j % M < valid[j / M]) {
+    int32_t src = -1;
+    uint32_t matches = 0;  // bit k: id k names the expert
+    if (j < RM) {
       // The source and the ids loaded together: one memory latency, not two (a row whose
       // source is -1 carries stale ids, which the source's test discards).
-      const int32_t src = row_src(a, j);
+      src = row_src(a, j);
       for (int k0 = 0; k0 < K; k0 += kIdsInFlight) {
         int32_t ids[kIdsInFlight];
 #pragma unroll
         for (int u = 0; u < kIdsInFlight; ++u) ids[u] = k0 + u < K ? row_expert(a, j, k0 + u) : -1;
 #pragma unroll
-        for (int u = 0; u < kIdsInFlight; ++u) hit |= ids[u] == expert;
+        for (int u = 0; u < kIdsInFlight; ++u) matches |= static_cast<uint32_t>(ids[u] == expert) << (k0 + u);
       }
-      hit &= src >= 0;
+      if (src < 0) matches = 0;
     }
+    const bool hit = matches != 0;
     int chunk = 0;
     const int pos = total + block_exclusive_count(hit, warp_sums, &chunk);
-    if (hit) row_of[pos] = j;
+    if (hit) {
+      row_of[pos] = j;
+      a.src_info[block + pos] = src;
+      for (uint32_t m = matches; m != 0; m &= m - 1) {
+        a.token_slots[j * K + __ffs(m) - 1] = static_cast<int32_t>(block + pos);
+      }
+    }
     if (j < RM && j % M == 0) begins[j / M] = pos;
     total += chunk;
   }
@@ -325,18 +338,11 @@ __device__ __forceinline__ void expand_expert(const DispatchArgs& a, int e, cons
     const int64_t begin = begins[threadIdx.x], count = begins[threadIdx.x + 1] - begin;
     a.layout_range[e * R + threadIdx.x] = (begin << 32) | count;
   }
-  const int64_t block = static_cast<int64_t>(e) * RM;
-  for (int pos = threadIdx.x; pos < RM; pos += blockDim.x) {
-    a.src_info[block + pos] = pos < total ? row_src(a, row_of[pos]) : -1;
-  }
-  for (int i = threadIdx.x; i < total * K; i += blockDim.x) {
-    const int pos = i / K, k = i % K, j = row_of[pos];
-    if (row_expert(a, j, k) == expert) a.token_slots[j * K + k] = static_cast<int32_t>(block + pos);
-  }
+  for (int pos = total + threadIdx.x; pos < RM; pos += blockDim.x) a.src_info[block + pos] = -1;
   if (e == 0) {  // entries no local expert claims, and every entry of a slot no row came into
     for (int i = threadIdx.x; i < RM * K; i += blockDim.x) {
       const int j = i / K, k = i % K;
-      if (j % M >= valid[j / M] || row_src(a, j) < 0) {
+      if (row_src(a, j) < 0) {
         a.token_slots[i] = -1;
         continue;
       }
@@ -355,28 +361,18 @@ __device__ __forceinline__ void expand_expert(const DispatchArgs& a, int e, cons
   __syncthreads();  // row_of and begins are rewritten for the block's next expert
 }
 
-// The receive phase. `ticket`: this block's start ticket on our read counter of the slab.
+// The receive phase. `ticket`: this block's epoch on our read counter of the slab.
 __device__ __forceinline__ void recv_rows(const DispatchArgs& a, uint64_t ticket, int* row_of) {
   __shared__ int warp_sums[kLLWarps];
   __shared__ int begins[kMaxNvlRanks + 1];
-  __shared__ int valid[kMaxNvlRanks];
   const int me = a.v.rank, R = a.v.num_ranks;
-  const LowLatencyControl* mine = ll_control(a.v.base[me]);
   // Every send block of every source is in once its arrivals reach the next whole unit.
-  const uint64_t target = unit_done(ticket);
-  bool ok = true;
-  if (threadIdx.x < R) {
-    ok = wait_at_least(a.v.watchdog, &mine->arrivals[kLLDispatch][a.slab][threadIdx.x], target, me,
-                       threadIdx.x, kWaitLowLatencyDispatchRows);
-    if (ok) {
-      valid[threadIdx.x] =
-          *reinterpret_cast<const volatile int32_t*>(&mine->dispatch_rows[a.slab][threadIdx.x]);
-    }
-  }
+  const bool ok = threadIdx.x >= R || wait_unit_arrived(a.v, kLLDispatch, a.slab, threadIdx.x, ticket,
+                                                        kWaitLowLatencyDispatchRows);
   if (!block_waits_ok(ok)) return;
 
   for (int e = blockIdx.x; e < a.num_local; e += gridDim.x) {
-    expand_expert(a, e, valid, row_of, warp_sums, begins);
+    expand_expert(a, e, row_of, warp_sums, begins);
   }
   // Done reading the slab (the barrier ends expand_expert): this block's share of the freed
   // counter at every source.
@@ -389,15 +385,15 @@ __device__ __forceinline__ void recv_rows(const DispatchArgs& a, uint64_t ticket
 template <bool kSend, bool kRecv>
 __device__ __forceinline__ void dispatch(const DispatchArgs& a) {
   extern __shared__ int row_of[];  // [R*M]: the slab row of each position in an expert's block
-  __shared__ uint64_t tickets[2];
+  __shared__ LaunchStart start;
   LowLatencyControl* mine = ll_control(a.v.base[a.v.rank]);
-  // The drain reads our send counters and the layout key before this block's ticket (ll_common.cuh).
-  if (kSend && !drain_if_moved(a.v, a.layout_key)) return;
-  if (kSend && threadIdx.x == 0) tickets[0] = take_start_ticket(&mine->sends[kLLDispatch][a.slab]);
-  if (kRecv && threadIdx.x == 32) tickets[1] = take_start_ticket(&mine->recvs[kLLDispatch][a.slab]);
-  __syncthreads();
-  if (kSend && !send_rows(a, tickets[0])) return;
-  if (kRecv) recv_rows(a, tickets[1], row_of);
+  const StartCounters counters{{kSend ? &mine->sends[kLLDispatch][a.slab] : nullptr,
+                                kRecv ? &mine->recvs[kLLDispatch][a.slab] : nullptr},
+                               kSend ? mine->freed[kLLDispatch][a.slab] : nullptr,
+                               a.layout_key};
+  if (!begin_launch(a.v, counters, start)) return;
+  if (kSend && !send_rows(a, start)) return;
+  if (kRecv) recv_rows(a, start.epoch[1], row_of);
 }
 
 // The op: one block per SM at most, so ptxas may use up to 128 registers (with the default

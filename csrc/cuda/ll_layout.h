@@ -7,9 +7,8 @@
 //     weights    row (source rank, token): the token's top-k weights, for the expert side
 //     partials   row (expert rank, token): that rank's weighted sum over its experts, BF16
 //
-// A dispatch slab's rows from source s are written up to dispatch_rows[slab][s] (s's token
-// count), which s posts with its arrivals: the row of a token that does not come to us carries
-// only a -1 source; rows past the count hold stale bytes.
+// Every send writes all M of its rows in a dispatch slab: the row of a token that does not come
+// to us, and every row past the sender's token count, carries only a -1 source.
 //
 // Slab sizes are those of the largest format (BF16), so the offsets depend only on (R, M,
 // hidden, top-k), which every rank passes alike. Which slab a call uses is chosen on the host
@@ -31,7 +30,8 @@ enum LowLatencyPhase : int { kLLDispatch = 0, kLLWeights = 1, kLLPartials = 2, k
 
 // Every counter grows by kLLUnit per send (or read) of a slab: every block of the launch adds its
 // share (block_share in ll_common.cuh: 1, and block 0 the rest), so no block waits for the others
-// and the grid size is free. A launch's epoch is its start ticket / kLLUnit (take_start_ticket).
+// and the grid size is free. A launch's epoch is its counter's value / kLLUnit as it starts
+// (begin_launch).
 constexpr uint64_t kLLUnit = uint64_t{1} << 20;  // more than any grid
 
 struct LowLatencyControl {
@@ -40,7 +40,6 @@ struct LowLatencyControl {
   uint64_t arrivals[kLLPhases][2][kMaxNvlRanks];  // by source s: its sends into our slab p
   uint64_t freed[kLLPhases][2][kMaxNvlRanks];     // by receiver d: its reads of our rows in slab p
   int64_t layout_key;                            // local: LowLatencyGeometry::key() of the last send
-  int32_t dispatch_rows[2][kMaxNvlRanks];        // by source s: tokens of its last send into slab p
 };
 static_assert(sizeof(LowLatencyControl) <= kControlBytes - kTrippedOffsetFromControlEnd);
 
