@@ -29,6 +29,9 @@
 //   expand    : a block per local expert copies its rows (payload + column-major scales) from a
 //               settled slab into [E_local, R*M, H]: the receive's HBM writes alone
 //   dispatch  : send_wait, then expand: the dispatch op's floor
+//   send_ll, dispatch_ll: dispatch with no counter and no fence: every 8-byte word of a row
+//               carries 4 bytes and the launch number (NCCL's LL protocol: twice the bytes across
+//               the link), and each receive block polls only its own rows' words
 //   weights   : combine's weights (32 B a token) to each rank the token goes to, release, wait
 //   combine   : weights, then a block per (source, token) row sums its local experts' outputs
 //               (known slots) in float32 into the source's partials slab, release, wait, then a
@@ -66,6 +69,7 @@ constexpr int kThreads = 512, kWarps = kThreads / 32, kGroups = H / 128;
 constexpr int64_t kRowBytes = 7440;  // FP8 payload 7168 + 56 scales + source + 8 ids, to 16 B
 constexpr int64_t kScaleOff = H, kSrcOff = H + 4 * kGroups, kIdsOff = kSrcOff + 4;
 constexpr int kCalls = 20, kReplays = 30;
+constexpr int64_t kLLWords = kRowBytes / 4;  // dispatch_ll: a row as 8-byte words {4 bytes, flag}
 
 // Counters, per rank: [0, R) dispatch arrivals by source, [R, 2R) weights, [2R, 3R) partials,
 // 3R: ticket / exchange.
@@ -77,6 +81,7 @@ constexpr int kCounters = kFlags + R * T;
 struct Rank {  // one GPU's buffers; peer pointers are the other rank's
   uint64_t* ctr[R];       // counters of each rank (ours at [me])
   uint8_t* slab[R];       // dispatch slab [R, T, kRowBytes] of each rank
+  uint64_t* llslab[R];    // dispatch_ll's slab [R, T, kLLWords]: each word 4 bytes of a row + a flag
   float* wslab[R];        // weights slab [R, T, K] of each rank
   __nv_bfloat16* pslab[R];  // partials slab [R, T, H] of each rank
   int me;
@@ -318,15 +323,99 @@ __device__ void sum_partials(const Rank& a, int t) {
   }
 }
 
+// dispatch_ll's send: token t's row (the same cast) as 8-byte words {4 bytes of the row, the
+// launch number} at every rank it goes to, plain stores and no fence: an 8-byte store is seen whole
+// or not at all, so each word says itself whether it has arrived (NCCL's LL protocol; twice the
+// bytes across the link). A rank the token does not go to gets only its source word (-1).
+__device__ void send_token_ll(const Rank& a, int t, uint32_t flag) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t mask = a.mask[t];
+  constexpr int kMine = (kGroups + kWarps - 1) / kWarps;
+  uint2 raw[kMine];
+#pragma unroll
+  for (int u = 0; u < kMine; ++u) {
+    const int g = warp + u * kWarps;
+    if (g < kGroups) raw[u] = __ldg(reinterpret_cast<const uint2*>(a.x + int64_t(t) * H + g * 128 + lane * 4));
+  }
+  const auto word = [&](uint32_t bits) { return (uint64_t(flag) << 32) | bits; };
+#pragma unroll
+  for (int u = 0; u < kMine; ++u) {
+    const int g = warp + u * kWarps;
+    if (g >= kGroups) break;
+    const auto* p = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
+    float f[4] = {__low2float(p[0]), __high2float(p[0]), __low2float(p[1]), __high2float(p[1])};
+    float amax = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
+    for (int s = 16; s > 0; s /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, s));
+    const float scale_inv = fmaxf(amax, 1e-4f) / 448.0f, inv = 1.0f / scale_inv;
+    float v[4] = {f[0] * inv, f[1] * inv, f[2] * inv, f[3] * inv};
+    const uint32_t packed = e4m3x4(v);
+    for (int d = 0; d < R; ++d) {
+      if (!((mask >> d) & 1u)) continue;
+      volatile uint64_t* row = a.llslab[d] + (int64_t(a.me) * T + t) * kLLWords;
+      row[g * 32 + lane] = word(packed);
+      if (lane == 0) row[kScaleOff / 4 + g] = word(__float_as_uint(scale_inv));
+    }
+  }
+  for (int d = 0; d < R; ++d) {
+    volatile uint64_t* row = a.llslab[d] + (int64_t(a.me) * T + t) * kLLWords;
+    const bool sent = (mask >> d) & 1u;
+    if (threadIdx.x == 0) row[kSrcOff / 4] = word(sent ? t : -1);
+    if (sent && threadIdx.x < K) row[kIdsOff / 4 + threadIdx.x] = word(a.ids[t * K + threadIdx.x]);
+  }
+}
+
+// dispatch_ll's receive: local expert e's rows, each word polled until it carries the launch
+// number (a warp per row, 14 two-word loads per lane in flight, a round reloaded while any of its
+// words is stale), its 4 data bytes written out. No counter, no fence: a block waits only for its
+// own rows. A later launch's number counts as arrived too: with no freed handshake here a fast
+// sender may overwrite a row with the next launch's (identical) bytes before it is read.
+__device__ void expand_expert_ll(const Rank& a, int e, uint32_t flag) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int begin = a.row_begin[e], total = a.row_begin[e + 1] - begin;
+  constexpr int kPairs = H / 4 / 2 / 32, kRound = 14;  // 28 word pairs per lane: two rounds
+  for (int pos = warp; pos < total; pos += kWarps) {
+    const uint64_t* row = a.llslab[a.me] + int64_t(a.row_src[begin + pos]) * kLLWords;
+    uint2* dst = reinterpret_cast<uint2*>(a.out + (int64_t(e) * RM + pos) * H);
+    for (int r0 = 0; r0 < kPairs; r0 += kRound) {
+      ulonglong2 w[kRound];
+      bool stale;
+      do {
+        stale = false;
+#pragma unroll
+        for (int u = 0; u < kRound; ++u) {
+          const auto* at = reinterpret_cast<const ulonglong2*>(row) + lane + 32 * (r0 + u);
+          asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(w[u].x), "=l"(w[u].y) : "l"(at));
+        }
+#pragma unroll
+        for (int u = 0; u < kRound; ++u) stale |= (w[u].x >> 32) < flag || (w[u].y >> 32) < flag;
+      } while (stale);
+#pragma unroll
+      for (int u = 0; u < kRound; ++u) {
+        dst[lane + 32 * (r0 + u)] = make_uint2(static_cast<uint32_t>(w[u].x), static_cast<uint32_t>(w[u].y));
+      }
+    }
+  }
+  for (int i = threadIdx.x; i < total * kGroups; i += blockDim.x) {
+    const int c = i / total, pos = i % total;
+    const volatile uint64_t* w = a.llslab[a.me] + int64_t(a.row_src[begin + pos]) * kLLWords + kScaleOff / 4 + c;
+    uint64_t v;
+    do {
+      v = *w;
+    } while ((v >> 32) < flag);
+    a.scales[(int64_t(e) * kGroups + c) * RM + pos] = __uint_as_float(static_cast<uint32_t>(v));
+  }
+}
+
 enum Variant {
   kEmpty, kTicket, kExchange, kExchangeRelaxed, kExchangeFlags, kExchangeFlagsRelaxed, kSend, kSendRelaxed,
   kSendFlags, kSendTicket, kSendTicketFreed, kSendOpStart, kSendOpIds, kSendWait, kExpand, kDispatch, kDispatchFlags,
-  kDispatchProtocol, kWeights, kCombine, kCombineProtocol, kVariants
+  kDispatchProtocol, kSendLL, kDispatchLL, kWeights, kCombine, kCombineProtocol, kVariants
 };
 const char* kNames[] = {"empty", "ticket", "exchange", "exchange_relaxed", "exchange_flags", "exchange_flags_relaxed",
                         "send", "send_relaxed", "send_flags", "send_ticket", "send_ticket_freed", "send_op_start",
                         "send_op_ids", "send_wait", "expand", "dispatch", "dispatch_flags", "dispatch_protocol",
-                        "weights", "combine", "combine_protocol"};
+                        "send_ll", "dispatch_ll", "weights", "combine", "combine_protocol"};
+static_assert(sizeof(kNames) / sizeof(kNames[0]) == kVariants, "a name per variant");
 
 // The op's start, one step at a time (send_ticket ... send_op_start): `drain`: every thread's
 // barrier on one control word's load (drain_if_moved; the word never says "moved" here); the
@@ -400,6 +489,8 @@ __global__ void __launch_bounds__(kThreads, 1) floor_kernel(Rank a, int call) {
     send_token<kV == kSendOpIds>(a, b);
     post_all(a, kArr);
   }
+  if constexpr (kV == kSendLL || kV == kDispatchLL) send_token_ll(a, b, call + 1);
+  if constexpr (kV == kDispatchLL) expand_expert_ll(a, b, call + 1);
   if constexpr (kV == kDispatchProtocol) {
     // What the op adds to keep its slabs safe with no host: a start ticket, the wait for the
     // receivers to have read what we sent into this slab two launches ago, the freed post.
@@ -473,6 +564,8 @@ void launch_variant(int v, const Rank& a, int call, cudaStream_t s) {
     case kSendFlags: return launch<kSendFlags>(a, call, s);
     case kDispatchFlags: return launch<kDispatchFlags>(a, call, s);
     case kDispatchProtocol: return launch<kDispatchProtocol>(a, call, s);
+    case kSendLL: return launch<kSendLL>(a, call, s);
+    case kDispatchLL: return launch<kDispatchLL>(a, call, s);
     case kSendTicket: return launch<kSendTicket>(a, call, s);
     case kSendTicketFreed: return launch<kSendTicketFreed>(a, call, s);
     case kSendOpStart: return launch<kSendOpStart>(a, call, s);
@@ -506,6 +599,7 @@ V* zeros(int dev, size_t n) {
 }
 
 int main() {
+  setvbuf(stdout, nullptr, _IOLBF, 0);  // each line out at once, also into a file
   int count = 0;
   CK(cudaGetDeviceCount(&count));
   if (count < R) {
@@ -567,6 +661,7 @@ int main() {
     a.me = r;
     a.ctr[r] = zeros<uint64_t>(r, kCounters);
     a.slab[r] = zeros<uint8_t>(r, size_t(R) * T * kRowBytes);
+    a.llslab[r] = zeros<uint64_t>(r, size_t(R) * T * kLLWords);
     a.wslab[r] = zeros<float>(r, size_t(R) * T * K);
     a.pslab[r] = zeros<__nv_bfloat16>(r, size_t(R) * T * H);
     std::vector<__nv_bfloat16> x(size_t(T) * H);
@@ -597,6 +692,7 @@ int main() {
     for (int p = 0; p < R; ++p) {
       rank[r].ctr[p] = rank[p].ctr[p];
       rank[r].slab[p] = rank[p].slab[p];
+      rank[r].llslab[p] = rank[p].llslab[p];
       rank[r].wslab[p] = rank[p].wslab[p];
       rank[r].pslab[p] = rank[p].pslab[p];
     }
@@ -634,6 +730,7 @@ int main() {
       for (int r = 0; r < R; ++r) {
         CK(cudaSetDevice(r));
         CK(cudaMemsetAsync(rank[r].ctr[r], 0, kCounters * sizeof(uint64_t), stream[r]));
+        CK(cudaMemsetAsync(rank[r].llslab[r], 0, size_t(R) * T * kLLWords * sizeof(uint64_t), stream[r]));
         CK(cudaStreamSynchronize(stream[r]));
       }
       for (int r = 0; r < R; ++r) {
