@@ -172,21 +172,13 @@ __device__ __forceinline__ uint32_t e4m3x4(const float (&v)[4]) {
   return lo | (static_cast<uint32_t>(hi) << 16);
 }
 
-// Token t's FP8 row into the slab of every rank in its mask: a warp per 128-channel group, all of
-// a warp's groups loaded before any is cast (the op's kGroupsInFlight).
-template <bool kMaskFromIds = false>
-__device__ void send_token(const Rank& a, int t) {
+// Token t's FP8 row into the slab of every rank in its mask.
+// Token t's FP8 cast, a warp per 128-channel group: all of a warp's groups loaded before any is
+// cast (the op's kGroupsInFlight), then store(group, 4 packed values of this lane, the group's
+// scale) for each.
+template <typename Store>
+__device__ __forceinline__ void cast_token(const Rank& a, int t, Store store) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  uint32_t mask = 0;
-  if (kMaskFromIds) {  // the op's token_rank_mask: the K ids loaded together (after the payload's loads below)
-    int64_t id[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) id[k] = __ldg(a.ids64 + t * K + k);
-#pragma unroll
-    for (int k = 0; k < K; ++k) mask |= 1u << static_cast<int>(id[k] / EL);
-  } else {
-    mask = a.mask[t];
-  }
   constexpr int kMine = (kGroups + kWarps - 1) / kWarps;
   uint2 raw[kMine];
 #pragma unroll
@@ -204,14 +196,31 @@ __device__ void send_token(const Rank& a, int t) {
     for (int s = 16; s > 0; s /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, s));
     const float scale_inv = fmaxf(amax, 1e-4f) / 448.0f, inv = 1.0f / scale_inv;
     float v[4] = {f[0] * inv, f[1] * inv, f[2] * inv, f[3] * inv};
-    const uint32_t packed = e4m3x4(v);
+    store(g, e4m3x4(v), scale_inv);
+  }
+}
+
+template <bool kMaskFromIds = false>
+__device__ void send_token(const Rank& a, int t) {
+  const int lane = threadIdx.x & 31;
+  uint32_t mask = 0;
+  if (kMaskFromIds) {  // the op's token_rank_mask: the K ids loaded together (after the payload's loads below)
+    int64_t id[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) id[k] = __ldg(a.ids64 + t * K + k);
+#pragma unroll
+    for (int k = 0; k < K; ++k) mask |= 1u << static_cast<int>(id[k] / EL);
+  } else {
+    mask = a.mask[t];
+  }
+  cast_token(a, t, [&](int g, uint32_t packed, float scale_inv) {
     for (int d = 0; d < R; ++d) {
       if (!((mask >> d) & 1u)) continue;
       uint8_t* row = a.slab[d] + (int64_t(a.me) * T + t) * kRowBytes;
       *reinterpret_cast<uint32_t*>(row + g * 128 + lane * 4) = packed;
       if (lane == 0) reinterpret_cast<float*>(row + kScaleOff)[g] = scale_inv;
     }
-  }
+  });
   for (int d = 0; d < R; ++d) {
     uint8_t* row = a.slab[d] + (int64_t(a.me) * T + t) * kRowBytes;
     const bool sent = (mask >> d) & 1u;
@@ -328,34 +337,17 @@ __device__ void sum_partials(const Rank& a, int t) {
 // or not at all, so each word says itself whether it has arrived (NCCL's LL protocol; twice the
 // bytes across the link). A rank the token does not go to gets only its source word (-1).
 __device__ void send_token_ll(const Rank& a, int t, uint32_t flag) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
   const uint32_t mask = a.mask[t];
-  constexpr int kMine = (kGroups + kWarps - 1) / kWarps;
-  uint2 raw[kMine];
-#pragma unroll
-  for (int u = 0; u < kMine; ++u) {
-    const int g = warp + u * kWarps;
-    if (g < kGroups) raw[u] = __ldg(reinterpret_cast<const uint2*>(a.x + int64_t(t) * H + g * 128 + lane * 4));
-  }
   const auto word = [&](uint32_t bits) { return (uint64_t(flag) << 32) | bits; };
-#pragma unroll
-  for (int u = 0; u < kMine; ++u) {
-    const int g = warp + u * kWarps;
-    if (g >= kGroups) break;
-    const auto* p = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
-    float f[4] = {__low2float(p[0]), __high2float(p[0]), __low2float(p[1]), __high2float(p[1])};
-    float amax = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
-    for (int s = 16; s > 0; s /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, s));
-    const float scale_inv = fmaxf(amax, 1e-4f) / 448.0f, inv = 1.0f / scale_inv;
-    float v[4] = {f[0] * inv, f[1] * inv, f[2] * inv, f[3] * inv};
-    const uint32_t packed = e4m3x4(v);
+  cast_token(a, t, [&](int g, uint32_t packed, float scale_inv) {
     for (int d = 0; d < R; ++d) {
       if (!((mask >> d) & 1u)) continue;
       volatile uint64_t* row = a.llslab[d] + (int64_t(a.me) * T + t) * kLLWords;
       row[g * 32 + lane] = word(packed);
       if (lane == 0) row[kScaleOff / 4 + g] = word(__float_as_uint(scale_inv));
     }
-  }
+  });
   for (int d = 0; d < R; ++d) {
     volatile uint64_t* row = a.llslab[d] + (int64_t(a.me) * T + t) * kLLWords;
     const bool sent = (mask >> d) & 1u;
