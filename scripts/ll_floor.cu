@@ -38,8 +38,9 @@
 //               block per token sums its two partials into [T, H]: the combine op's floor
 //   combine_protocol: combine plus the op's slab protocol (dispatch_protocol's, for both slabs)
 // The counters are zeroed before each replay; launch i of a graph waits for unit i + 1.
-// Checks after the timings: dispatch's rows against the sender's own copy of each row, and the
-// combine's output against a host sum (integer-valued expert outputs, weights of 1/8 and 1/4, so
+// Checks after the timings: each expanded row against its sender's own copy where the token went
+// to its sender too (else against the receiver's slab), and the combine's output against a host
+// sum (integer-valued expert outputs, weights of 1/8 and 1/4, so
 // the float sums are exact).
 // Not part of the build: nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -o /tmp/ll_floor
 // scripts/ll_floor.cu && /tmp/ll_floor (needs 2 GPUs with peer access; results in BENCHMARKS.md,
@@ -753,8 +754,8 @@ int main() {
     }
   }
 
-  // Checks: every expanded row equals its sender's own copy of it (rows to ourselves and across
-  // the link alike), and the combine's output equals the host's sum.
+  // Checks: every expanded row equals its sender's own copy of it where there is one (rows to
+  // ourselves and across the link alike), and the combine's output equals the host's sum.
   bool ok = true;
   std::vector<std::vector<uint8_t>> slab_host(R, std::vector<uint8_t>(size_t(R) * T * kRowBytes));
   for (int r = 0; r < R; ++r) {
