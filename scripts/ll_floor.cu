@@ -1,8 +1,8 @@
 // What the low-latency decode step costs with none of the ops' logic: floors for issue 4's
 // targets, on 2 GPUs of one process (peer access). Each variant is a kernel that does only the
 // data movement and flag exchanges any design of the op must do (the routing is drawn once on the
-// host and every row list is precomputed there: no scan, no tickets, no freed handshake, no
-// watchdog), timed as scripts/profile_ll.py times the ops: a CUDA graph of 20 launches per GPU,
+// host and every row list is precomputed there, except where a variant says it scans: no
+// tickets or freed handshake unless named, no watchdog), timed as scripts/profile_ll.py times the ops: a CUDA graph of 20 launches per GPU,
 // both GPUs released together, µs per launch (median of the replays). The gap between a floor and
 // the op is what the op's logic costs.
 // Workload (HARDWARE.md's decode shape): 128 tokens a rank, hidden 7168, top-8 of 256 experts
@@ -37,14 +37,18 @@
 //               (known slots) in float32 into the source's partials slab, release, wait, then a
 //               block per token sums its two partials into [T, H]: the combine op's floor
 //   combine_protocol: combine plus the op's slab protocol (dispatch_protocol's, for both slabs)
-// The counters are zeroed before each replay; launch i of a graph waits for unit i + 1.
-// Checks after the timings: each expanded row against its sender's own copy where the token went
-// to its sender too (else against the receiver's slab), and the combine's output against a host
-// sum (integer-valued expert outputs, weights of 1/8 and 1/4, so
-// the float sums are exact).
+//   dispatch_rows ... combine_rows_protocol: pipelined designs, a flag per row (rows_variant)
+//   dispatch_scan_protocol: the op's design in full: one counter, then each expert's positions
+//               found on the device from the rows' sources and ids, with the slab protocol
+// The counters and flags are zeroed before each replay; launch i of a graph waits for unit (or
+// flag value) i + 1.
+// Checks after each variant that writes them (zeroed before it): each expanded row and its scales
+// against its sender's own copy where the token went to its sender too (else against the
+// receiver's slab), and the combine's output against a host sum (integer-valued expert outputs,
+// weights of 1/8 and 1/4, so the float sums are exact).
 // Not part of the build: nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -o /tmp/ll_floor
 // scripts/ll_floor.cu && /tmp/ll_floor (needs 2 GPUs with peer access; results in BENCHMARKS.md,
-// session 23).
+// sessions 23 and 24).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -75,15 +79,19 @@ constexpr int64_t kLLWords = kRowBytes / 4;  // dispatch_ll: a row as 8-byte wor
 // Counters, per rank: [0, R) dispatch arrivals by source, [R, 2R) weights, [2R, 3R) partials,
 // 3R: ticket / exchange.
 // 3R: ticket; [3R + 1, 4R + 1): freed; then [kFlags, kFlags + R*T): one flag per (source rank,
-// block) for the *_flags variants.
+// block) for the *_flags variants and the rows' flags of the *_rows variants, which have three more
+// such arrays: the routing's (kRouteFlags), the weights' (kWeightFlags) and the partials'
+// (kPartialFlags), each indexed by (source rank, token).
 constexpr int kArr = 0, kWts = R, kPart = 2 * R, kMisc = 3 * R, kFreed = 3 * R + 1, kFlags = 4 * R + 1;
-constexpr int kCounters = kFlags + R * T;
+constexpr int kRouteFlags = kFlags + R * T, kWeightFlags = kRouteFlags + R * T, kPartialFlags = kWeightFlags + R * T;
+constexpr int kCounters = kPartialFlags + R * T;
 
 struct Rank {  // one GPU's buffers; peer pointers are the other rank's
   uint64_t* ctr[R];       // counters of each rank (ours at [me])
   uint8_t* slab[R];       // dispatch slab [R, T, kRowBytes] of each rank
   uint64_t* llslab[R];    // dispatch_ll's slab [R, T, kLLWords]: each word 4 bytes of a row + a flag
   float* wslab[R];        // weights slab [R, T, K] of each rank
+  int32_t* route[R];      // dispatch_rows_scan's routing area [R, T, K] of each rank
   __nv_bfloat16* pslab[R];  // partials slab [R, T, H] of each rank
   int me;
   const __nv_bfloat16* x;     // [T, H]
@@ -166,6 +174,18 @@ __device__ __forceinline__ void wait_flags(const Rank& a, uint64_t value) {
   __syncthreads();
 }
 
+// The *_rows variants' per-row flags: one thread's release store of the launch's number, and a
+// thread's wait for it (every thread that then reads the row waits itself: no barrier needed).
+__device__ __forceinline__ void store_flag(uint64_t* f, uint64_t value) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(f), "l"(value) : "memory");
+}
+__device__ __forceinline__ void wait_flag(const uint64_t* f, uint64_t value) {
+  uint64_t v = 0;
+  do {
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(f) : "memory");
+  } while (v < value);
+}
+
 __device__ __forceinline__ uint32_t e4m3x4(const float (&v)[4]) {
   uint16_t lo, hi;
   asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(v[1]), "f"(v[0]));
@@ -177,19 +197,21 @@ __device__ __forceinline__ uint32_t e4m3x4(const float (&v)[4]) {
 // Token t's FP8 cast, a warp per 128-channel group: all of a warp's groups loaded before any is
 // cast (the op's kGroupsInFlight), then store(group, 4 packed values of this lane, the group's
 // scale) for each.
-template <typename Store>
+// kCastWarps: the warps that cast (the rest skip it; 15 of the 16 take as many rounds).
+template <int kCastWarps = kWarps, typename Store>
 __device__ __forceinline__ void cast_token(const Rank& a, int t, Store store) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  constexpr int kMine = (kGroups + kWarps - 1) / kWarps;
+  constexpr int kMine = (kGroups + kCastWarps - 1) / kCastWarps;
+  if (warp >= kCastWarps) return;
   uint2 raw[kMine];
 #pragma unroll
   for (int u = 0; u < kMine; ++u) {
-    const int g = warp + u * kWarps;
+    const int g = warp + u * kCastWarps;
     if (g < kGroups) raw[u] = __ldg(reinterpret_cast<const uint2*>(a.x + int64_t(t) * H + g * 128 + lane * 4));
   }
 #pragma unroll
   for (int u = 0; u < kMine; ++u) {
-    const int g = warp + u * kWarps;
+    const int g = warp + u * kCastWarps;
     if (g >= kGroups) break;
     const auto* p = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
     float f[4] = {__low2float(p[0]), __high2float(p[0]), __low2float(p[1]), __high2float(p[1])};
@@ -201,7 +223,7 @@ __device__ __forceinline__ void cast_token(const Rank& a, int t, Store store) {
   }
 }
 
-template <bool kMaskFromIds = false>
+template <bool kMaskFromIds = false, int kCastWarps = kWarps>
 __device__ void send_token(const Rank& a, int t) {
   const int lane = threadIdx.x & 31;
   uint32_t mask = 0;
@@ -214,7 +236,7 @@ __device__ void send_token(const Rank& a, int t) {
   } else {
     mask = a.mask[t];
   }
-  cast_token(a, t, [&](int g, uint32_t packed, float scale_inv) {
+  cast_token<kCastWarps>(a, t, [&](int g, uint32_t packed, float scale_inv) {
     for (int d = 0; d < R; ++d) {
       if (!((mask >> d) & 1u)) continue;
       uint8_t* row = a.slab[d] + (int64_t(a.me) * T + t) * kRowBytes;
@@ -253,14 +275,100 @@ __device__ void expand_expert(const Rank& a, int e) {
   }
 }
 
+// dispatch_rows' receive: expert e's rows as expand_expert copies them, but each warp waits only for
+// its own row's flag (set by the row's sender block after its release), so the copies of the rows
+// that are in (our own source's first) overlap the ones still crossing the link; the warp copies
+// its row's scales too. `row_of(pos)`: the slab row of position pos.
+template <bool kRowFlags = true, typename RowOf>
+__device__ void expand_rows(const Rank& a, int e, int total, RowOf row_of, uint64_t flag) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint8_t* slab = a.slab[a.me];
+  for (int pos = warp; pos < total; pos += kWarps) {
+    const int j = row_of(pos);
+    if (kRowFlags) wait_flag(&a.ctr[a.me][kFlags + j], flag);
+    const int4* src = reinterpret_cast<const int4*>(slab + int64_t(j) * kRowBytes);
+    int4* dst = reinterpret_cast<int4*>(a.out + (int64_t(e) * RM + pos) * H);
+    constexpr int kPer = H / 16 / 32;
+    int4 v[kPer];
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) v[u] = src[lane + 32 * u];
+    const float* s = reinterpret_cast<const float*>(slab + int64_t(j) * kRowBytes + kScaleOff);
+    float sc[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) sc[u] = lane + 32 * u < kGroups ? s[lane + 32 * u] : 0.f;
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) dst[lane + 32 * u] = v[u];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if (lane + 32 * u < kGroups) a.scales[(int64_t(e) * kGroups + lane + 32 * u) * RM + pos] = sc[u];
+    }
+  }
+}
+
+// dispatch_rows_scan's receive: expert e's positions found on the device, as the op finds them
+// (a thread per slab row tests the row's ids, a block count gives each match its position), from
+// the routing that each sender posted ahead of its payload; then expand_rows.
+// kRowFlags false (dispatch_scan_protocol, after the counters' wait): the op's way, the source
+// and ids read from the slab rows themselves, every row already in.
+template <bool kRowFlags = true>
+__device__ void expand_expert_scan(const Rank& a, int e, uint64_t flag) {
+  __shared__ int row_of[RM];
+  __shared__ int warp_sums[kWarps];
+  const int j = threadIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int expert = a.me * EL + e;
+  bool hit = false;
+  if (j < RM) {
+    if (kRowFlags) wait_flag(&a.ctr[a.me][kRouteFlags + j], flag);
+    const uint8_t* row = a.slab[a.me] + int64_t(j) * kRowBytes;
+    // The ids in the row sit 4-byte aligned: loaded one by one, all in flight together.
+    const int32_t* ids = kRowFlags ? a.route[a.me] + j * K : reinterpret_cast<const int32_t*>(row + kIdsOff);
+    const int src = kRowFlags ? 0 : *reinterpret_cast<const int32_t*>(row + kSrcOff);
+    int32_t id[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) id[k] = ids[k];
+#pragma unroll
+    for (int k = 0; k < K; ++k) hit |= id[k] == expert;
+    hit &= src >= 0;
+  }
+  const uint32_t ballot = __ballot_sync(0xffffffffu, hit);
+  if (lane == 0) warp_sums[warp] = __popc(ballot);
+  __syncthreads();
+  int before = __popc(ballot & ((1u << lane) - 1u)), total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_sums[w] : 0;
+    total += warp_sums[w];
+  }
+  if (hit) row_of[before] = j;
+  __syncthreads();
+  expand_rows<kRowFlags>(a, e, total, [&](int pos) { return row_of[pos]; }, flag);
+}
+
+// dispatch_rows_scan's routing: token t's ids at every rank (the receivers scan every slab row),
+// then its flag, by lane d of the block's last warp for rank d. That warp does not cast
+// (send_token<.., kRoutingCastWarps>: the other 15 take as many rounds), so the releases, which
+// wait for the ids' writes, delay no payload.
+constexpr int kRoutingCastWarps = kWarps - 1;
+__device__ void post_routing(const Rank& a, int t, uint64_t flag) {
+  const int d = threadIdx.x - kRoutingCastWarps * 32;
+  if (d < 0 || d >= R) return;
+  const int4* ids = reinterpret_cast<const int4*>(a.ids + t * K);
+  const int4 i0 = ids[0], i1 = ids[1];
+  int4* at = reinterpret_cast<int4*>(a.route[d] + (a.me * T + t) * K);
+  at[0] = i0;
+  at[1] = i1;
+  store_flag(&a.ctr[d][kRouteFlags + a.me * T + t], flag);
+}
+
 // Row j = (source, token) of the combine: its local experts' outputs weighted and summed in
 // float32 (k ascending), rounded to BF16 once, written into the source's partials slab.
-__device__ void partial_row(const Rank& a, int j) {
+// `weight_flag` (combine_rows): first wait for the row's weights flag to reach it.
+__device__ void partial_row(const Rank& a, int j, uint64_t weight_flag = 0) {
   const int source = j / T, t = j % T;
   __shared__ int32_t slot[K];
   __shared__ float w[K];
   if (threadIdx.x < K) {
     slot[threadIdx.x] = a.slot[j * K + threadIdx.x];
+    if (weight_flag != 0) wait_flag(&a.ctr[a.me][kWeightFlags + j], weight_flag);
     w[threadIdx.x] = a.wslab[a.me][j * K + threadIdx.x];
   }
   __syncthreads();
@@ -305,8 +413,12 @@ __device__ void partial_row(const Rank& a, int j) {
 }
 
 // Token t's partials from every rank it went to, summed in rank order into cout.
-__device__ void sum_partials(const Rank& a, int t) {
+// `partial_flag` (combine_rows): first wait for each of those rows' flags to reach it.
+__device__ void sum_partials(const Rank& a, int t, uint64_t partial_flag = 0) {
   const uint32_t mask = a.mask[t];
+  for (int s = 0; s < R && partial_flag != 0; ++s) {
+    if ((mask >> s) & 1u) wait_flag(&a.ctr[a.me][kPartialFlags + s * T + t], partial_flag);
+  }
   constexpr int kVec = H / 8;
   for (int i = threadIdx.x; i < kVec; i += kThreads) {
     float acc[8] = {};
@@ -402,12 +514,14 @@ __device__ void expand_expert_ll(const Rank& a, int e, uint32_t flag) {
 enum Variant {
   kEmpty, kTicket, kExchange, kExchangeRelaxed, kExchangeFlags, kExchangeFlagsRelaxed, kSend, kSendRelaxed,
   kSendFlags, kSendTicket, kSendTicketFreed, kSendOpStart, kSendOpIds, kSendWait, kExpand, kDispatch, kDispatchFlags,
-  kDispatchProtocol, kSendLL, kDispatchLL, kWeights, kCombine, kCombineProtocol, kVariants
+  kDispatchProtocol, kSendLL, kDispatchLL, kWeights, kCombine, kCombineProtocol, kDispatchRows, kDispatchRowsScan,
+  kDispatchRowsProtocol, kDispatchScanProtocol, kCombineRows, kCombineRowsProtocol, kVariants
 };
 const char* kNames[] = {"empty", "ticket", "exchange", "exchange_relaxed", "exchange_flags", "exchange_flags_relaxed",
                         "send", "send_relaxed", "send_flags", "send_ticket", "send_ticket_freed", "send_op_start",
                         "send_op_ids", "send_wait", "expand", "dispatch", "dispatch_flags", "dispatch_protocol",
-                        "send_ll", "dispatch_ll", "weights", "combine", "combine_protocol"};
+                        "send_ll", "dispatch_ll", "weights", "combine", "combine_protocol", "dispatch_rows",
+                        "dispatch_rows_scan", "dispatch_rows_protocol", "dispatch_scan_protocol", "combine_rows", "combine_rows_protocol"};
 static_assert(sizeof(kNames) / sizeof(kNames[0]) == kVariants, "a name per variant");
 
 // The op's start, one step at a time (send_ticket ... send_op_start): `drain`: every thread's
@@ -436,6 +550,79 @@ __device__ __forceinline__ void op_start(const Rank& a) {
     if (!__syncthreads_and(ok)) __trap();
   } else if (ticket == ~0ull) {
     __trap();
+  }
+}
+
+// Launch `call`'s start ticket and its wait for the freed posts of the launches before it that used
+// the same slabs (`posts` freed posts a launch: one a slab), as dispatch_protocol and
+// combine_protocol add them.
+__device__ __forceinline__ void protocol_start(const Rank& a, int call, int posts) {
+  if (threadIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&a.ctr[a.me][kMisc]), 1ull);
+  wait_all(a, kFreed, call >= 1 ? uint64_t(posts) * (call - 1) * gridDim.x : 0);
+}
+
+// The pipelined variants: every row carries a flag of its own (set by its sender block with a
+// release, after the block's rows), so a receiver copies or sums each row as soon as it is in
+// instead of waiting for every block's post.
+//   dispatch_rows: the rows' positions from the host (as dispatch);
+//   dispatch_rows_scan: the positions found on the device from the routing, which each sender
+//     posts ahead of its payload (a flag of its own), as a graph-safe op must;
+//   dispatch_rows_protocol: dispatch_rows_scan with dispatch_protocol's slab protocol;
+//   combine_rows: combine with a flag per weights row and per partials row;
+//   combine_rows_protocol: combine_rows with combine_protocol's slab protocol.
+template <int kV>
+__device__ __forceinline__ void rows_variant(const Rank& a, int call) {
+  const int b = blockIdx.x;
+  const uint64_t flag = call + 1;
+  if constexpr (kV == kDispatchRows || kV == kDispatchRowsScan || kV == kDispatchRowsProtocol) {
+    if (kV == kDispatchRowsProtocol) protocol_start(a, call, 1);
+    if (kV == kDispatchRows) {
+      send_token(a, b);
+    } else {
+      post_routing(a, b, flag);
+      send_token<false, kRoutingCastWarps>(a, b);
+    }
+    post_flags<true>(a, flag);
+    if (kV == kDispatchRows) {
+      const int begin = a.row_begin[b];
+      expand_rows(a, b, a.row_begin[b + 1] - begin, [&](int pos) { return a.row_src[begin + pos]; }, flag);
+    } else {
+      expand_expert_scan(a, b, flag);
+    }
+    if (kV == kDispatchRowsProtocol) post_all(a, kFreed);
+  }
+  if constexpr (kV == kDispatchScanProtocol) {  // the op's design: one counter, then the scan
+    protocol_start(a, call, 1);
+    send_token(a, b);
+    post_all(a, kArr);
+    wait_all(a, kArr, uint64_t(call + 1) * gridDim.x);
+    expand_expert_scan<false>(a, b, flag);
+    post_all(a, kFreed);
+  }
+  if constexpr (kV == kCombineRows || kV == kCombineRowsProtocol) {
+    if (kV == kCombineRowsProtocol) protocol_start(a, call, 2);
+    const uint32_t mask = a.mask[b];
+    if (threadIdx.x == 0) {
+      const float4* w = reinterpret_cast<const float4*>(a.weights + b * K);
+      const float4 w0 = w[0], w1 = w[1];
+      for (int d = 0; d < R; ++d) {
+        if (!((mask >> d) & 1u)) continue;
+        float4* at = reinterpret_cast<float4*>(a.wslab[d] + (a.me * T + b) * K);
+        at[0] = w0;
+        at[1] = w1;
+        store_flag(&a.ctr[d][kWeightFlags + a.me * T + b], flag);
+      }
+    }
+    for (int j = b; j < RM; j += gridDim.x) {
+      bool any = false;
+      for (int k = 0; k < K; ++k) any |= a.slot[j * K + k] >= 0;
+      if (!any) continue;
+      partial_row(a, j, flag);  // ends with a barrier: every thread's partials are written
+      if (threadIdx.x == 0) store_flag(&a.ctr[j / T][kPartialFlags + a.me * T + j % T], flag);
+    }
+    if (kV == kCombineRowsProtocol) post_all(a, kFreed);  // the weights slab is read
+    sum_partials(a, b, flag);
+    if (kV == kCombineRowsProtocol) post_all(a, kFreed);  // the partials slab is read
   }
 }
 
@@ -513,6 +700,7 @@ __global__ void __launch_bounds__(kThreads, 1) floor_kernel(Rank a, int call) {
     wait_all(a, kPart, unit);
     sum_partials(a, b);
   }
+  rows_variant<kV>(a, call);
   if constexpr (kV == kCombineProtocol) {
     // combine plus the op's slab protocol: a start ticket, the wait for the freed posts of two
     // launches before (one for the weights slab, one for the partials slab), and both posts.
@@ -570,7 +758,13 @@ void launch_variant(int v, const Rank& a, int call, cudaStream_t s) {
     case kExpand: return launch<kExpand>(a, call, s);
     case kDispatch: return launch<kDispatch>(a, call, s);
     case kWeights: return launch<kWeights>(a, call, s);
-    default: return launch<kCombineProtocol>(a, call, s);
+    case kDispatchRows: return launch<kDispatchRows>(a, call, s);
+    case kDispatchRowsScan: return launch<kDispatchRowsScan>(a, call, s);
+    case kDispatchRowsProtocol: return launch<kDispatchRowsProtocol>(a, call, s);
+    case kDispatchScanProtocol: return launch<kDispatchScanProtocol>(a, call, s);
+    case kCombineRows: return launch<kCombineRows>(a, call, s);
+    case kCombineProtocol: return launch<kCombineProtocol>(a, call, s);
+    default: return launch<kCombineRowsProtocol>(a, call, s);
   }
 }
 
@@ -656,6 +850,7 @@ int main() {
     a.slab[r] = zeros<uint8_t>(r, size_t(R) * T * kRowBytes);
     a.llslab[r] = zeros<uint64_t>(r, size_t(R) * T * kLLWords);
     a.wslab[r] = zeros<float>(r, size_t(R) * T * K);
+    a.route[r] = zeros<int32_t>(r, size_t(R) * T * K);
     a.pslab[r] = zeros<__nv_bfloat16>(r, size_t(R) * T * H);
     std::vector<__nv_bfloat16> x(size_t(T) * H);
     std::mt19937 xg(100 + r);
@@ -687,6 +882,7 @@ int main() {
       rank[r].slab[p] = rank[p].slab[p];
       rank[r].llslab[p] = rank[p].llslab[p];
       rank[r].wslab[p] = rank[p].wslab[p];
+      rank[r].route[p] = rank[p].route[p];
       rank[r].pslab[p] = rank[p].pslab[p];
     }
   }
@@ -704,9 +900,87 @@ int main() {
     CK(cudaEventCreate(&end[r]));
   }
 
+  // Checks, after every variant that writes the expanded rows or the combine's output (both zeroed
+  // before each variant): every expanded row equals its sender's own copy of it where there is
+  // one (rows to ourselves and across the link alike), and the combine's output equals the
+  // host's sum.
+  std::vector<std::vector<uint8_t>> slab_host(R, std::vector<uint8_t>(size_t(R) * T * kRowBytes));
+  const auto check_dispatch = [&](const char* name) {
+    bool ok = true;
+    for (int r = 0; r < R; ++r) {
+      CK(cudaSetDevice(r));
+      CK(cudaMemcpy(slab_host[r].data(), rank[r].slab[r], slab_host[r].size(), cudaMemcpyDeviceToHost));
+    }
+    std::vector<uint8_t> out(size_t(EL) * RM * H);
+    std::vector<float> scales(size_t(EL) * kGroups * RM);
+    for (int r = 0; r < R && ok; ++r) {
+      CK(cudaSetDevice(r));
+      CK(cudaMemcpy(out.data(), rank[r].out, out.size(), cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(scales.data(), rank[r].scales, scales.size() * 4, cudaMemcpyDeviceToHost));
+      for (int e = 0; e < EL && ok; ++e) {
+        for (int pos = 0; pos < row_begin[r][e + 1] - row_begin[r][e]; ++pos) {
+          // The row's copy in its sender's own slab when the token also went there, else our
+          // slab's (a row from ourselves, or one that only came across the link).
+          const int j = row_src[r][row_begin[r][e] + pos], s = j / T, t = j % T;
+          const bool sender_has = std::any_of(&ids[s][t * K], &ids[s][t * K] + K, [&](int x) { return x / EL == s; });
+          const uint8_t* copy = slab_host[sender_has ? s : r].data() + size_t(j) * kRowBytes;
+          bool same = memcmp(out.data() + (size_t(e) * RM + pos) * H, copy, H) == 0;
+          for (int c = 0; c < kGroups; ++c) {
+            same &= memcmp(&scales[(size_t(e) * kGroups + c) * RM + pos], copy + kScaleOff + 4 * c, 4) == 0;
+          }
+          if (!same) {
+            printf("CHECK FAILED: %s: rank %d expert %d position %d\n", name, r, e, pos);
+            ok = false;
+            break;
+          }
+        }
+      }
+    }
+    return ok;
+  };
+  const auto check_combine = [&](const char* name) {
+    bool ok = true;
+    for (int r = 0; r < R && ok; ++r) {
+      std::vector<__nv_bfloat16> got(size_t(T) * H);
+      CK(cudaSetDevice(r));
+      CK(cudaMemcpy(got.data(), rank[r].cout, got.size() * 2, cudaMemcpyDeviceToHost));
+      for (int t = 0; t < T && ok; ++t) {
+        for (int c = 0; c < H; ++c) {
+          float want = 0;
+          for (int k = 0; k < K; ++k) {
+            const int expert = ids[r][t * K + k], d = expert / EL;
+            const int at = slot[d][(r * T + t) * K + k];
+            want += weights[r][t * K + k] * __bfloat162float(eout_host[d][size_t(at) * H + c]);
+          }
+          if (__bfloat162float(got[size_t(t) * H + c]) != want) {
+            printf("CHECK FAILED: %s: combine rank %d token %d channel %d: %f against %f\n", name, r, t, c,
+                   __bfloat162float(got[size_t(t) * H + c]), want);
+            ok = false;
+            break;
+          }
+        }
+      }
+    }
+    return ok;
+  };
+  const auto expands = [](int v) {
+    return v == kExpand || v == kDispatch || v == kDispatchFlags || v == kDispatchProtocol || v == kDispatchLL ||
+           v == kDispatchRows || v == kDispatchRowsScan || v == kDispatchRowsProtocol || v == kDispatchScanProtocol;
+  };
+  const auto combines = [](int v) {
+    return v == kCombine || v == kCombineProtocol || v == kCombineRows || v == kCombineRowsProtocol;
+  };
+  bool ok = true;
+
   printf("%-22s %12s %12s   (us per launch, graph of %d, median of %d replays; min over replays)\n", "variant",
          "rank 0", "rank 1", kCalls, kReplays);
   for (int v = 0; v < kVariants; ++v) {
+    for (int r = 0; r < R; ++r) {
+      CK(cudaSetDevice(r));
+      CK(cudaMemset(rank[r].out, 0, size_t(EL) * RM * H));
+      CK(cudaMemset(rank[r].scales, 0, size_t(EL) * kGroups * RM * 4));
+      CK(cudaMemset(rank[r].cout, 0, size_t(T) * H * 2));
+    }
     cudaGraphExec_t exec[R];
     for (int r = 0; r < R; ++r) {
       CK(cudaSetDevice(r));
@@ -752,56 +1026,10 @@ int main() {
       CK(cudaSetDevice(r));
       CK(cudaGraphExecDestroy(exec[r]));
     }
+    if (expands(v)) ok &= check_dispatch(kNames[v]);
+    if (combines(v)) ok &= check_combine(kNames[v]);
   }
 
-  // Checks: every expanded row equals its sender's own copy of it where there is one (rows to
-  // ourselves and across the link alike), and the combine's output equals the host's sum.
-  bool ok = true;
-  std::vector<std::vector<uint8_t>> slab_host(R, std::vector<uint8_t>(size_t(R) * T * kRowBytes));
-  for (int r = 0; r < R; ++r) {
-    CK(cudaSetDevice(r));
-    CK(cudaMemcpy(slab_host[r].data(), rank[r].slab[r], slab_host[r].size(), cudaMemcpyDeviceToHost));
-  }
-  for (int r = 0; r < R && ok; ++r) {
-    std::vector<uint8_t> out(size_t(EL) * RM * H);
-    CK(cudaSetDevice(r));
-    CK(cudaMemcpy(out.data(), rank[r].out, out.size(), cudaMemcpyDeviceToHost));
-    for (int e = 0; e < EL && ok; ++e) {
-      for (int pos = 0; pos < row_begin[r][e + 1] - row_begin[r][e]; ++pos) {
-        // The row's copy in its sender's own slab when the token also went there, else our slab's
-        // (a row from ourselves, or one that only came across the link).
-        const int j = row_src[r][row_begin[r][e] + pos], s = j / T, t = j % T;
-        const bool sender_has = std::any_of(&ids[s][t * K], &ids[s][t * K] + K, [&](int x) { return x / EL == s; });
-        const uint8_t* copy = slab_host[sender_has ? s : r].data() + size_t(j) * kRowBytes;
-        if (memcmp(out.data() + (size_t(e) * RM + pos) * H, copy, H) != 0) {
-          printf("CHECK FAILED: rank %d expert %d position %d\n", r, e, pos);
-          ok = false;
-          break;
-        }
-      }
-    }
-  }
-  for (int r = 0; r < R && ok; ++r) {
-    std::vector<__nv_bfloat16> got(size_t(T) * H);
-    CK(cudaSetDevice(r));
-    CK(cudaMemcpy(got.data(), rank[r].cout, got.size() * 2, cudaMemcpyDeviceToHost));
-    for (int t = 0; t < T && ok; ++t) {
-      for (int c = 0; c < H; ++c) {
-        float want = 0;
-        for (int k = 0; k < K; ++k) {
-          const int expert = ids[r][t * K + k], d = expert / EL;
-          const int at = slot[d][(r * T + t) * K + k];
-          want += weights[r][t * K + k] * __bfloat162float(eout_host[d][size_t(at) * H + c]);
-        }
-        if (__bfloat162float(got[size_t(t) * H + c]) != want) {
-          printf("CHECK FAILED: combine rank %d token %d channel %d: %f against %f\n", r, t, c,
-                 __bfloat162float(got[size_t(t) * H + c]), want);
-          ok = false;
-          break;
-        }
-      }
-    }
-  }
   printf(ok ? "checks PASS\n" : "checks FAIL\n");
   return ok ? 0 : 1;
 }
