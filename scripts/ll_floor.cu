@@ -2,9 +2,9 @@
 // targets, on 2 GPUs of one process (peer access). Each variant is a kernel that does only the
 // data movement and flag exchanges any design of the op must do (the routing is drawn once on the
 // host and every row list is precomputed there, except where a variant says it scans: no
-// tickets or freed handshake unless named, no watchdog), timed as scripts/profile_ll.py times the ops: a CUDA graph of 20 launches per GPU,
-// both GPUs released together, µs per launch (median of the replays). The gap between a floor and
-// the op is what the op's logic costs.
+// tickets or freed handshake unless named, no watchdog), timed as scripts/profile_ll.py times
+// the ops: a CUDA graph of 20 launches per GPU, both GPUs released together, µs per launch
+// (median of the replays). The gap between a floor and the op is what the op's logic costs.
 // Workload (HARDWARE.md's decode shape): 128 tokens a rank, hidden 7168, top-8 of 256 experts
 // (128 local experts a rank), FP8 dispatch rows as the op's wire format (payload, 56 scales,
 // source, ids: 7440 B), BF16 combine.
@@ -521,7 +521,8 @@ const char* kNames[] = {"empty", "ticket", "exchange", "exchange_relaxed", "exch
                         "send", "send_relaxed", "send_flags", "send_ticket", "send_ticket_freed", "send_op_start",
                         "send_op_ids", "send_wait", "expand", "dispatch", "dispatch_flags", "dispatch_protocol",
                         "send_ll", "dispatch_ll", "weights", "combine", "combine_protocol", "dispatch_rows",
-                        "dispatch_rows_scan", "dispatch_rows_protocol", "dispatch_scan_protocol", "combine_rows", "combine_rows_protocol"};
+                        "dispatch_rows_scan", "dispatch_rows_protocol", "dispatch_scan_protocol", "combine_rows",
+                        "combine_rows_protocol"};
 static_assert(sizeof(kNames) / sizeof(kNames[0]) == kVariants, "a name per variant");
 
 // The op's start, one step at a time (send_ticket ... send_op_start): `drain`: every thread's
@@ -566,7 +567,7 @@ __device__ __forceinline__ void protocol_start(const Rank& a, int call, int post
 // instead of waiting for every block's post.
 //   dispatch_rows: the rows' positions from the host (as dispatch);
 //   dispatch_rows_scan: the positions found on the device from the routing, which each sender
-//     posts ahead of its payload (a flag of its own), as a graph-safe op must;
+//     posts ahead of its payload (a flag of its own): only the device knows the routing in an op;
 //   dispatch_rows_protocol: dispatch_rows_scan with dispatch_protocol's slab protocol;
 //   combine_rows: combine with a flag per weights row and per partials row;
 //   combine_rows_protocol: combine_rows with combine_protocol's slab protocol.
