@@ -145,6 +145,17 @@ __device__ __forceinline__ void post_all(const Rank& a, int base) {
   }
 }
 
+// A flag of its own per block (the *_flags variants) or per row (the *_rows variants): one
+// thread's release store of the launch's number, and one thread's wait for it (in the *_rows
+// variants every thread that then reads the row waits itself: no barrier needed).
+__device__ __forceinline__ void store_flag(uint64_t* f, uint64_t value) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(f), "l"(value) : "memory");
+}
+__device__ __forceinline__ void wait_flag(const uint64_t* f, uint64_t value) {
+  while (load_acquire(f) < value) {
+  }
+}
+
 // The *_flags variants: each block stores the launch's number into its own flag at every rank
 // (no two blocks write one word), and a receiver's threads poll one flag each.
 template <bool kOrdered>
@@ -153,7 +164,7 @@ __device__ __forceinline__ void post_flags(const Rank& a, uint64_t value) {
   if (threadIdx.x >= R) return;
   uint64_t* f = &a.ctr[threadIdx.x][kFlags + a.me * T + blockIdx.x];
   if (kOrdered) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(f), "l"(value) : "memory");
+    store_flag(f, value);
   } else {
     asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(f), "l"(value) : "memory");
   }
@@ -165,25 +176,13 @@ __device__ __forceinline__ void wait_flags(const Rank& a, uint64_t value) {
     uint64_t v = 0;
     do {
       if (kOrdered) {
-        asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(f) : "memory");
+        v = load_acquire(f);
       } else {
         asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(f) : "memory");
       }
     } while (v < value);
   }
   __syncthreads();
-}
-
-// The *_rows variants' per-row flags: one thread's release store of the launch's number, and a
-// thread's wait for it (every thread that then reads the row waits itself: no barrier needed).
-__device__ __forceinline__ void store_flag(uint64_t* f, uint64_t value) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(f), "l"(value) : "memory");
-}
-__device__ __forceinline__ void wait_flag(const uint64_t* f, uint64_t value) {
-  uint64_t v = 0;
-  do {
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(f) : "memory");
-  } while (v < value);
 }
 
 __device__ __forceinline__ uint32_t e4m3x4(const float (&v)[4]) {
@@ -412,6 +411,23 @@ __device__ void partial_row(const Rank& a, int j, uint64_t weight_flag = 0) {
   __syncthreads();  // slot and w are rewritten for the block's next row
 }
 
+// Token t's top-k weights into the weights slab of every rank it goes to (threads k < K).
+__device__ __forceinline__ void write_weights(const Rank& a, int t) {
+  const uint32_t mask = a.mask[t];
+  for (int d = 0; d < R; ++d) {
+    if (((mask >> d) & 1u) && threadIdx.x < K) {
+      a.wslab[d][(a.me * T + t) * K + threadIdx.x] = a.weights[t * K + threadIdx.x];
+    }
+  }
+}
+
+// Whether row j = (source, token) of the combine names one of our experts (has a partial to send).
+__device__ __forceinline__ bool has_local_expert(const Rank& a, int j) {
+  bool any = false;
+  for (int k = 0; k < K; ++k) any |= a.slot[j * K + k] >= 0;
+  return any;
+}
+
 // Token t's partials from every rank it went to, summed in rank order into cout.
 // `partial_flag` (combine_rows): first wait for each of those rows' flags to reach it.
 __device__ void sum_partials(const Rank& a, int t, uint64_t partial_flag = 0) {
@@ -615,9 +631,7 @@ __device__ __forceinline__ void rows_variant(const Rank& a, int call) {
       }
     }
     for (int j = b; j < RM; j += gridDim.x) {
-      bool any = false;
-      for (int k = 0; k < K; ++k) any |= a.slot[j * K + k] >= 0;
-      if (!any) continue;
+      if (!has_local_expert(a, j)) continue;
       partial_row(a, j, flag);  // ends with a barrier: every thread's partials are written
       if (threadIdx.x == 0) store_flag(&a.ctr[j / T][kPartialFlags + a.me * T + j % T], flag);
     }
@@ -675,8 +689,7 @@ __global__ void __launch_bounds__(kThreads, 1) floor_kernel(Rank a, int call) {
   if constexpr (kV == kDispatchProtocol) {
     // What the op adds to keep its slabs safe with no host: a start ticket, the wait for the
     // receivers to have read what we sent into this slab two launches ago, the freed post.
-    if (threadIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&a.ctr[a.me][kMisc]), 1ull);
-    wait_all(a, kFreed, call >= 1 ? uint64_t(call - 1) * gridDim.x : 0);
+    protocol_start(a, call, 1);
     send_token(a, b);
     post_all(a, kArr);
     wait_all(a, kArr, unit);
@@ -684,18 +697,13 @@ __global__ void __launch_bounds__(kThreads, 1) floor_kernel(Rank a, int call) {
     post_all(a, kFreed);
   }
   if constexpr (kV == kWeights || kV == kCombine) {
-    const uint32_t mask = a.mask[b];
-    for (int d = 0; d < R; ++d) {
-      if (((mask >> d) & 1u) && threadIdx.x < K) a.wslab[d][(a.me * T + b) * K + threadIdx.x] = a.weights[b * K + threadIdx.x];
-    }
+    write_weights(a, b);
     post_all(a, kWts);
     wait_all(a, kWts, unit);
   }
   if constexpr (kV == kCombine) {
     for (int j = b; j < RM; j += gridDim.x) {
-      bool any = false;
-      for (int k = 0; k < K; ++k) any |= a.slot[j * K + k] >= 0;
-      if (any) partial_row(a, j);
+      if (has_local_expert(a, j)) partial_row(a, j);
     }
     post_all(a, kPart);
     wait_all(a, kPart, unit);
@@ -705,18 +713,12 @@ __global__ void __launch_bounds__(kThreads, 1) floor_kernel(Rank a, int call) {
   if constexpr (kV == kCombineProtocol) {
     // combine plus the op's slab protocol: a start ticket, the wait for the freed posts of two
     // launches before (one for the weights slab, one for the partials slab), and both posts.
-    if (threadIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&a.ctr[a.me][kMisc]), 1ull);
-    wait_all(a, kFreed, call >= 1 ? 2 * uint64_t(call - 1) * gridDim.x : 0);
-    const uint32_t mask = a.mask[b];
-    for (int d = 0; d < R; ++d) {
-      if (((mask >> d) & 1u) && threadIdx.x < K) a.wslab[d][(a.me * T + b) * K + threadIdx.x] = a.weights[b * K + threadIdx.x];
-    }
+    protocol_start(a, call, 2);
+    write_weights(a, b);
     post_all(a, kWts);
     wait_all(a, kWts, unit);
     for (int j = b; j < RM; j += gridDim.x) {
-      bool any = false;
-      for (int k = 0; k < K; ++k) any |= a.slot[j * K + k] >= 0;
-      if (any) partial_row(a, j);
+      if (has_local_expert(a, j)) partial_row(a, j);
     }
     post_all(a, kFreed);  // the weights slab is read
     post_all(a, kPart);
